@@ -1,0 +1,237 @@
+"""Chain client: contracts, locally signed transactions, a local nonce manager, error decoding.
+
+Works against any EVM JSON-RPC endpoint (Anvil locally; Besu/geth in a consortium): it uses
+only standard `eth_*` methods. Transactions are signed locally (eth-account, with coincurve
+installed eth-keys signs ~8x faster) and nonces are managed locally, so sending never waits
+for a block; callers that need the outcome wait for the receipt explicitly, outside any
+request's hot path. Contract reverts are decoded from the ABIs' custom errors into
+:class:`~ledger.errors.ChainError` with the error's name.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from eth_abi import decode as abi_decode
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak, to_checksum_address
+from hexbytes import HexBytes
+from web3 import Web3
+from web3.contract import Contract
+from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted
+
+from ledger.errors import ChainError
+
+CONTRACT_NAMES = ("Membership", "Consent", "AccessLedger")
+
+
+def _abi_type(inp: dict[str, Any]) -> str:
+    t = str(inp["type"])
+    if t.startswith("tuple"):
+        inner = ",".join(_abi_type(c) for c in inp["components"])
+        return f"({inner}){t[5:]}"
+    return t
+
+
+class ErrorDecoder:
+    """Maps 4-byte custom-error selectors of the given ABIs to readable messages."""
+
+    def __init__(self, abis: Sequence[list[dict[str, Any]]]) -> None:
+        self._errors: dict[bytes, tuple[str, list[str], list[str]]] = {}
+        for abi in abis:
+            for item in abi:
+                if item.get("type") != "error":
+                    continue
+                types = [_abi_type(i) for i in item["inputs"]]
+                sig = f"{item['name']}({','.join(types)})"
+                names = [i.get("name", "") for i in item["inputs"]]
+                self._errors[keccak(text=sig)[:4]] = (item["name"], types, names)
+
+    def decode(self, data: bytes) -> tuple[str, dict[str, Any]]:
+        """(error name, arguments) of revert data; ("Revert", {}) when unknown."""
+        if len(data) < 4 or data[:4] not in self._errors:
+            return ("Revert", {})
+        name, types, names = self._errors[data[:4]]
+        try:
+            values = abi_decode(types, data[4:])
+        except Exception:  # malformed revert data: still name the error
+            return (name, {})
+        return (name, {n: (HexBytes(v).to_0x_hex() if isinstance(v, bytes) else v) for n, v in zip(names, values, strict=True)})
+
+
+@dataclass(frozen=True)
+class SentTx:
+    tx_hash: str
+    nonce: int
+
+
+class NonceManager:
+    """Hands out consecutive nonces for one sender without asking the chain each time."""
+
+    def __init__(self, w3: Web3, address: str) -> None:
+        self._w3 = w3
+        self._address = address
+        self._lock = threading.Lock()
+        self._next: int | None = None
+
+    def take(self) -> int:
+        with self._lock:
+            if self._next is None:
+                self._next = self._w3.eth.get_transaction_count(self._address, "pending")
+            n = self._next
+            self._next += 1
+            return n
+
+    def reset(self) -> None:
+        with self._lock:
+            self._next = None
+
+
+class ChainClient:
+    """Contracts of one deployment plus a sending account (the gateway's)."""
+
+    def __init__(
+        self,
+        rpc_url: str,
+        abis: dict[str, list[dict[str, Any]]],
+        addresses: dict[str, str] | None = None,
+        account: LocalAccount | None = None,
+        *,
+        timeout: float = 30.0,
+    ) -> None:
+        self.rpc_url = rpc_url
+        self.w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
+        self.abis = abis
+        self.addresses = {k: to_checksum_address(v) for k, v in (addresses or {}).items()}
+        self.account = account
+        self.errors = ErrorDecoder(list(abis.values()))
+        self._nonces = NonceManager(self.w3, account.address) if account else None
+        self._chain_id: int | None = None
+        self._gas_price: tuple[float, int] | None = None
+
+    # ---- basics ------------------------------------------------------------------------
+    @property
+    def chain_id(self) -> int:
+        if self._chain_id is None:
+            self._chain_id = int(self.w3.eth.chain_id)
+        return self._chain_id
+
+    def contract(self, name: str) -> Contract:
+        return self.w3.eth.contract(address=self.addresses[name], abi=self.abis[name])
+
+    def gas_price(self) -> int:
+        now = time.monotonic()
+        if self._gas_price is None or now - self._gas_price[0] > 5.0:
+            self._gas_price = (now, int(self.w3.eth.gas_price) * 2)
+        return self._gas_price[1]
+
+    def _require_account(self) -> LocalAccount:
+        if self.account is None or self._nonces is None:
+            raise ChainError("this chain client has no sending account")
+        return self.account
+
+    # ---- errors --------------------------------------------------------------------------
+    def decode_error(self, exc: Exception) -> ChainError:
+        data: Any = getattr(exc, "data", None)
+        if isinstance(exc, ContractCustomError | ContractLogicError) and isinstance(data, str) and data.startswith("0x"):
+            name, args = self.errors.decode(bytes.fromhex(data[2:]))
+            detail = ", ".join(f"{k}={v}" for k, v in args.items())
+            err = ChainError(f"contract refused: {name}({detail})", code=f"chain:{name}")
+            err.contract_error = name  # type: ignore[attr-defined]
+            return err
+        return ChainError(f"chain call failed: {type(exc).__name__}: {exc}")
+
+    # ---- sending -------------------------------------------------------------------------
+    def send(
+        self,
+        contract: str,
+        function: str,
+        *args: Any,
+        gas: int | None = None,
+        preflight: bool = True,
+    ) -> SentTx:
+        """Sign and send a call of ``contract.function(*args)``; does not wait for a block.
+
+        With ``preflight`` the call is first simulated (``eth_call`` + gas estimate) so a
+        revert becomes a :class:`ChainError` naming the contract's custom error before any
+        transaction is sent. Without it, ``gas`` must be given (hot paths such as anchoring).
+        """
+        account = self._require_account()
+        assert self._nonces is not None
+        fn = getattr(self.contract(contract).functions, function)(*args)
+        if preflight:
+            try:
+                fn.call({"from": account.address})
+                estimated = fn.estimate_gas({"from": account.address})
+            except (ContractCustomError, ContractLogicError) as exc:
+                raise self.decode_error(exc) from exc
+            gas = int(estimated * 1.25) + 10_000
+        if gas is None:
+            raise ChainError("gas must be given when preflight is off")
+        nonce = self._nonces.take()
+        tx = fn.build_transaction(
+            {
+                "from": account.address,
+                "nonce": nonce,
+                "gas": gas,
+                "gasPrice": self.gas_price(),
+                "chainId": self.chain_id,
+            }
+        )
+        signed = account.sign_transaction(tx)
+        try:
+            tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+        except Exception as exc:
+            self._nonces.reset()
+            raise ChainError(f"sending the transaction failed: {exc}") from exc
+        return SentTx(tx_hash=HexBytes(tx_hash).to_0x_hex(), nonce=nonce)
+
+    def wait(self, sent: SentTx, timeout: float = 60.0) -> Any:
+        """Wait for a receipt; raise ChainError if the transaction reverted."""
+        try:
+            receipt = self.w3.eth.wait_for_transaction_receipt(
+                HexBytes(sent.tx_hash), timeout=timeout, poll_latency=0.05
+            )
+        except TimeExhausted as exc:
+            raise ChainError(f"transaction {sent.tx_hash} not mined within {timeout}s") from exc
+        if receipt["status"] != 1:
+            raise ChainError(f"transaction {sent.tx_hash} reverted")
+        return receipt
+
+    def transact(self, contract: str, function: str, *args: Any) -> Any:
+        """Send with preflight and wait for the receipt (for state changes, not hot paths)."""
+        return self.wait(self.send(contract, function, *args))
+
+    def deploy(self, name: str, bytecode: str, *args: Any) -> str:
+        account = self._require_account()
+        assert self._nonces is not None
+        factory = self.w3.eth.contract(abi=self.abis[name], bytecode=bytecode)
+        ctor = factory.constructor(*args)
+        gas = int(ctor.estimate_gas({"from": account.address}) * 1.2) + 50_000
+        tx = ctor.build_transaction(
+            {
+                "from": account.address,
+                "nonce": self._nonces.take(),
+                "gas": gas,
+                "gasPrice": self.gas_price(),
+                "chainId": self.chain_id,
+            }
+        )
+        signed = account.sign_transaction(tx)
+        tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+        receipt = self.wait(SentTx(HexBytes(tx_hash).to_0x_hex(), int(tx["nonce"])))
+        address = to_checksum_address(receipt["contractAddress"])
+        self.addresses[name] = address
+        return address
+
+
+def load_account(key_hex: str) -> LocalAccount:
+    """An account from a hex private key (with or without 0x)."""
+    key = key_hex.strip()
+    account: LocalAccount = Account.from_key(key if key.startswith("0x") else "0x" + key)
+    return account
