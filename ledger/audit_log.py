@@ -51,13 +51,15 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq         INTEGER PRIMARY KEY,
     time_ms     INTEGER NOT NULL,
-    patient_ref TEXT,
+    patient_ref TEXT,     -- NULL when the event has none
     study_ref   TEXT,
+    patient_key INTEGER,  -- _ref_key(patient_ref): a compact index key, see _ref_key
+    study_key   INTEGER,
     body        BLOB NOT NULL,
     leaf        BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_by_patient ON events(patient_ref) WHERE patient_ref IS NOT NULL;
-CREATE INDEX IF NOT EXISTS events_by_study ON events(study_ref) WHERE study_ref IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_by_patient ON events(patient_key) WHERE patient_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_by_study ON events(study_key) WHERE study_key IS NOT NULL;
 CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
     BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
@@ -73,6 +75,12 @@ CREATE TABLE IF NOT EXISTS anchors (
     created_ms   INTEGER NOT NULL
 );
 """
+
+
+_INSERT_EVENT: Final = (
+    "INSERT INTO events(seq, time_ms, patient_ref, study_ref, patient_key, study_key, body, leaf) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 class AuditLogCorrupt(MedLedgerError):
@@ -102,26 +110,41 @@ _FIELD_TYPES: Final[dict[str, type]] = {
 }
 _EVENT_KEYS: Final = sorted(f.name for f in fields(AuditEvent))
 assert set(_EVENT_KEYS) == {*_DRAFT_FIELDS, "seq", "time_ms", "v"}
-_HEAD_KEYS: Final = tuple(k for k in _EVENT_KEYS if k < "seq")
-_MID_KEYS: Final = tuple(k for k in _EVENT_KEYS if "seq" < k < "time_ms")
-_TAIL_KEYS: Final = tuple(k for k in _EVENT_KEYS if k > "time_ms")
-assert _HEAD_KEYS and _MID_KEYS and _TAIL_KEYS  # so every splice point has a comma on each side
+# Every splice point needs a key on each side (so a comma before and after the number).
+assert _EVENT_KEYS[0] < "seq" < _EVENT_KEYS[-1] and any("seq" < k < "time_ms" for k in _EVENT_KEYS)
+assert "time_ms" < _EVENT_KEYS[-1]
 
 
-def _dumps(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+_STR_FIELDS: Final = tuple(name for name, kind in _FIELD_TYPES.items() if kind is str)
+# With placeholders 0 for seq and time_ms these occur exactly once in an encoded event: inside a
+# JSON string every '"' is escaped as '\\"', so ',"' can only start a key, and keys are unique.
+_SEQ_MARK: Final = b',"seq":0,'
+_TIME_MARK: Final = b',"time_ms":0,'
 
 
-@dataclass(frozen=True, slots=True)
+def _ref_key(ref: str) -> int | None:
+    """The index key of a patient/study ref: 64 bits of BLAKE2b (None for ""). SQLite indexes an
+    INTEGER about twice as fast as the 66-character text; lookups re-check the text column."""
+    if not ref:
+        return None
+    return int.from_bytes(hashlib.blake2b(ref.encode("utf-8"), digest_size=8).digest(), "big", signed=True)
+
+
 class _Prepared:
     """A validated draft with everything but ``seq`` and ``time_ms`` already encoded."""
 
-    values: dict[str, Any]
-    head: bytes  # b'{"action":...,"request_id":...,"seq":'
-    mid: bytes  # b',"study_ref":"...","time_ms":'
-    tail: bytes  # b',"v":1}'
-    patient_ref: str | None
-    study_ref: str | None
+    __slots__ = ("head", "mid", "patient_key", "patient_ref", "study_key", "study_ref", "tail", "values")
+
+    def __init__(self, values: dict[str, Any], head: bytes, mid: bytes, tail: bytes) -> None:
+        self.values = values
+        self.head = head  # b'{"action":...,"request_id":...,"seq":'
+        self.mid = mid  # b',"study_ref":"...","time_ms":'
+        self.tail = tail  # b',"v":1}'
+        self.patient_ref: str | None = values["patient_ref"] or None
+        self.study_ref: str | None = values["study_ref"] or None
+        self.patient_key = _ref_key(values["patient_ref"])
+        self.study_key = _ref_key(values["study_ref"])
 
     def body(self, seq: int, time_ms: int) -> bytes:
         return b"".join((self.head, str(seq).encode(), self.mid, str(time_ms).encode(), self.tail))
@@ -130,39 +153,39 @@ class _Prepared:
         return AuditEvent(seq=seq, time_ms=time_ms, **self.values)
 
 
-def _prepare(draft: EventDraft) -> _Prepared:
-    if not isinstance(draft, EventDraft):
-        raise InvalidInput("an audit event draft must be an EventDraft")
-    values: dict[str, Any] = {}
-    for name in _DRAFT_FIELDS:
-        value = getattr(draft, name)
-        want = _FIELD_TYPES[name]
+def _validate(values: dict[str, Any]) -> None:
+    for name, want in _FIELD_TYPES.items():
+        value = values[name]
         if want is int:
             if type(value) is not int or value < 0:
                 raise InvalidInput(f"audit event field {name} must be a non-negative integer")
         elif want is bool:
             if type(value) is not bool:
                 raise InvalidInput(f"audit event field {name} must be a boolean")
-        else:
-            if not isinstance(value, str):
-                raise InvalidInput(f"audit event field {name} must be a string")
-            value = str.__str__(value)  # a plain str (e.g. from a StrEnum), as it reads back
-        values[name] = value
-    all_values = {**values, "v": ENCODING_VERSION}
+        elif not isinstance(value, str):
+            raise InvalidInput(f"audit event field {name} must be a string")
+        elif type(value) is not str:
+            values[name] = str.__str__(value)  # a plain str (e.g. from a StrEnum), as it reads back
+
+
+def _prepare(draft: EventDraft) -> _Prepared:
+    if not isinstance(draft, EventDraft):
+        raise InvalidInput("an audit event draft must be an EventDraft")
+    values = {name: getattr(draft, name) for name in _DRAFT_FIELDS}
+    if (
+        type(values["consent_version"]) is not int
+        or values["consent_version"] < 0
+        or type(values["break_glass"]) is not bool
+        or not all(type(values[name]) is str for name in _STR_FIELDS)
+    ):
+        _validate(values)
     try:
-        head = _dumps({k: all_values[k] for k in _HEAD_KEYS})
-        mid = _dumps({k: all_values[k] for k in _MID_KEYS})
-        tail = _dumps({k: all_values[k] for k in _TAIL_KEYS})
+        body = _ENCODER.encode({**values, "seq": 0, "time_ms": 0, "v": ENCODING_VERSION}).encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidInput("audit event fields must be valid Unicode text") from None
-    return _Prepared(
-        values=values,
-        head=head[:-1] + b',"seq":',
-        mid=b"," + mid[1:-1] + b',"time_ms":',
-        tail=b"," + tail[1:],
-        patient_ref=values["patient_ref"] or None,
-        study_ref=values["study_ref"] or None,
-    )
+    i = body.index(_SEQ_MARK) + len(_SEQ_MARK) - 2  # the placeholder "0" of seq
+    j = body.index(_TIME_MARK, i) + len(_TIME_MARK) - 2  # the placeholder "0" of time_ms
+    return _Prepared(values, head=body[:i], mid=body[i + 1 : j], tail=body[j + 1 :])
 
 
 def _now_ms() -> int:
@@ -353,7 +376,7 @@ class AuditLog:
             next_seq, last_time = (0, 0) if row is None else (row[0] + 1, row[1])
             time_ms = max(self._clock(), last_time)
             time_bytes = str(time_ms).encode()
-            rows: list[tuple[int, int, str | None, str | None, bytes, bytes]] = []
+            rows: list[tuple[int, int, str | None, str | None, int | None, int | None, bytes, bytes]] = []
             leaves: list[bytes] = []
             results: list[tuple[int, int]] = []
             seq = next_seq
@@ -362,13 +385,21 @@ class AuditLog:
                 for item in request.items:
                     body = b"".join((item.head, str(seq).encode(), item.mid, time_bytes, item.tail))
                     leaf = sha(b"\x00" + body).digest()
-                    rows.append((seq, time_ms, item.patient_ref, item.study_ref, body, leaf))
+                    rows.append(
+                        (
+                            seq,
+                            time_ms,
+                            item.patient_ref,
+                            item.study_ref,
+                            item.patient_key,
+                            item.study_key,
+                            body,
+                            leaf,
+                        )
+                    )
                     leaves.append(leaf)
                     seq += 1
-            conn.executemany(
-                "INSERT INTO events(seq, time_ms, patient_ref, study_ref, body, leaf) VALUES (?,?,?,?,?,?)",
-                rows,
-            )
+            conn.executemany(_INSERT_EVENT, rows)
             # Leaves another writer committed since we last looked, read while we hold the lock.
             with self._state_lock:
                 behind = self._frontier.size != next_seq
@@ -454,14 +485,16 @@ class AuditLog:
     def by_patient(self, patient_ref: str) -> list[AuditEvent]:
         """Events about ``patient_ref``, in seq order (``""`` matches nothing)."""
         cur = self._reader().execute(
-            "SELECT body FROM events WHERE patient_ref = ? ORDER BY seq", (patient_ref or None,)
+            "SELECT body FROM events WHERE patient_key = ? AND patient_ref = ? ORDER BY seq",
+            (_ref_key(patient_ref), patient_ref),
         )
         return [_event_from_body(body) for (body,) in cur]
 
     def by_study(self, study_ref: str) -> list[AuditEvent]:
         """Events about ``study_ref``, in seq order (``""`` matches nothing)."""
         cur = self._reader().execute(
-            "SELECT body FROM events WHERE study_ref = ? ORDER BY seq", (study_ref or None,)
+            "SELECT body FROM events WHERE study_key = ? AND study_ref = ? ORDER BY seq",
+            (_ref_key(study_ref), study_ref),
         )
         return [_event_from_body(body) for (body,) in cur]
 
@@ -528,9 +561,10 @@ class AuditLog:
             last_time = 0
             frontier = merkle.MerkleFrontier()
             cur = conn.execute(
-                "SELECT seq, time_ms, patient_ref, study_ref, body, leaf FROM events ORDER BY seq"
+                "SELECT seq, time_ms, patient_ref, study_ref, patient_key, study_key, body, leaf "
+                "FROM events ORDER BY seq"
             )
-            for seq, time_ms, patient_ref, study_ref, body, leaf in cur:
+            for seq, time_ms, patient_ref, study_ref, patient_key, study_key, body, leaf in cur:
                 if seq != expected:
                     raise AuditLogCorrupt(f"the audit log has a gap: seq {seq} where {expected} was due")
                 if not isinstance(body, bytes) or not isinstance(leaf, bytes):
@@ -545,11 +579,14 @@ class AuditLog:
                     ) from None
                 if canonical_bytes(event) != body:
                     raise AuditLogCorrupt(f"event {seq}: body is not in canonical form")
-                if (event.seq, event.time_ms, event.patient_ref or None, event.study_ref or None) != (
-                    seq,
-                    time_ms,
-                    patient_ref,
-                    study_ref,
+                columns = (seq, time_ms, patient_ref, study_ref, patient_key, study_key)
+                if columns != (
+                    event.seq,
+                    event.time_ms,
+                    event.patient_ref or None,
+                    event.study_ref or None,
+                    _ref_key(event.patient_ref),
+                    _ref_key(event.study_ref),
                 ):
                     raise AuditLogCorrupt(f"event {seq}: row columns disagree with its body")
                 if time_ms < last_time:

@@ -130,6 +130,11 @@ class ChainClient:
             self._gas_price = (now, int(self.w3.eth.gas_price) * 2)
         return self._gas_price[1]
 
+    def reset_nonces(self) -> None:
+        """Forget the local nonce (after a failure); the next send asks the chain again."""
+        if self._nonces is not None:
+            self._nonces.reset()
+
     def _require_account(self) -> LocalAccount:
         if self.account is None or self._nonces is None:
             raise ChainError("this chain client has no sending account")

@@ -155,6 +155,7 @@ REASON_CODES: Final = frozenset(
         "dicom_invalid_uid",
         "dicom_meta_mismatch",
         "dicom_missing_patient_id",
+        "dicom_missing_pixel_data",
         "dicom_pixel_attrs",
         "dicom_pixel_length",
         "dicom_pixel_encoding",
@@ -549,9 +550,16 @@ def _inflate(raw: bytes, cap: int) -> bytes:
         raise PayloadTooLarge(f"inflated data set exceeds {cap} bytes")
     if not d.eof:
         raise _reject("dicom_deflate_error", "deflated data set ends before its final block")
-    if d.unused_data.strip(b"\x00"):
+    trailer = d.unused_data
+    if trailer and trailer != b"\x00" and trailer != _gzip_trailer(out):
         raise _reject("dicom_deflate_error", "bytes after the end of the deflated data set")
     return out
+
+
+def _gzip_trailer(inflated: bytes) -> bytes:
+    """CRC-32 and ISIZE of ``inflated`` as a gzip trailer (RFC 1952): some writers append it
+    to the raw deflate stream. It is accepted only if it matches the inflated bytes exactly."""
+    return struct.pack("<LL", zlib.crc32(inflated), len(inflated) & 0xFFFFFFFF)
 
 
 # ---- pass 2: pydicom decode ---------------------------------------------------------------
@@ -605,6 +613,9 @@ def _decode_all(ds: FileDataset) -> list[str]:
         # per-value VR checks (a bad IS/DS string, a UID with a leading zero in a reference):
         # tolerated and recorded; the key attributes are validated separately below.
         warnings.filterwarnings("always", message=r"Invalid value for VR", category=UserWarning)
+        # implicit VR, an even-group tag missing from pydicom's dictionary (e.g. newer than
+        # it): read as UN, kept as opaque bytes; its framing was checked by the walk.
+        warnings.filterwarnings("always", message=r"VR lookup failed", category=UserWarning)
         for elem in ds.file_meta:
             _touch(elem)
         _check_charsets(ds)
@@ -612,7 +623,7 @@ def _decode_all(ds: FileDataset) -> list[str]:
             _touch(elem)
     for w in caught:
         m = _VALUE_WARNING.match(str(w.message))
-        seen.append(m.group("vr") if m else "??")
+        seen.append(m.group("vr") if m else "UN")
     return seen
 
 
@@ -711,9 +722,18 @@ _NATIVE_PIXEL_TAGS: Final = (
 )
 
 
-def _check_pixels(ds: FileDataset, ts: pydicom.uid.UID, pixel: _PixelInfo | None) -> None:
+_JPIP_REFERENCED: Final = frozenset({"1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95"})
+
+
+def _check_pixels(
+    ds: FileDataset, ts: pydicom.uid.UID, sop_class: str, pixel: _PixelInfo | None
+) -> None:
     present = [(kw, bits) for kw, bits in _NATIVE_PIXEL_TAGS if kw in ds]
     if not present:
+        # Image IODs have Pixel Data as Type 1; its absence is also what a file cut at an
+        # element boundary before the pixels looks like.
+        if "Image Storage" in pydicom.uid.UID(sop_class).name and ts not in _JPIP_REFERENCED:
+            raise _reject("dicom_missing_pixel_data", "image SOP class without Pixel Data")
         return
     rows = _pixel_int(ds, "Rows")
     columns = _pixel_int(ds, "Columns")
@@ -794,9 +814,9 @@ def parse_instance(
 
     meta = _walk_meta(data)
     for tag, keyword in (
+        (0x00020010, "TransferSyntaxUID"),
         (0x00020002, "MediaStorageSOPClassUID"),
         (0x00020003, "MediaStorageSOPInstanceUID"),
-        (0x00020010, "TransferSyntaxUID"),
     ):
         raw = meta.elements.get(tag)
         if raw is None or not _ui(raw):
@@ -830,7 +850,7 @@ def parse_instance(
     if not patient_id:
         raise _reject("dicom_missing_patient_id", "PatientID is missing or empty")
 
-    _check_pixels(ds, ts, walker.pixel)
+    _check_pixels(ds, ts, sop_class, walker.pixel)
 
     return DicomInstance(
         sop_class_uid=sop_class,

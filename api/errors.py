@@ -1,0 +1,54 @@
+"""Domain errors -> HTTP, in one place. Every refusal is also recorded in the audit log."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from ledger.errors import InvalidInput, MedLedgerError
+
+log = logging.getLogger("medledger.api")
+
+
+def _context(request: Request):  # type: ignore[no-untyped-def]
+    from ledger.gateway import RequestContext
+
+    ctx = getattr(request.state, "ctx", None)
+    if ctx is None:
+        ctx = RequestContext()
+        request.state.ctx = ctx
+    return ctx
+
+
+def error_response(request: Request, err: MedLedgerError) -> JSONResponse:
+    ctx = _context(request)
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is not None:
+        gateway.record_refusal(ctx, err)
+    headers = {"X-Request-Id": ctx.request_id}
+    if err.http_status == 401:
+        headers["WWW-Authenticate"] = 'MedLedger-EIP712 realm="medledger"'
+    return JSONResponse(
+        status_code=err.http_status,
+        content={"error": err.code, "message": err.message, "request_id": ctx.request_id},
+        headers=headers,
+    )
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(MedLedgerError)
+    async def _domain(request: Request, exc: MedLedgerError) -> JSONResponse:
+        return error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = ", ".join(".".join(str(p) for p in e.get("loc", ())) for e in exc.errors()[:5])
+        return error_response(request, InvalidInput(f"invalid request fields: {fields}"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error (request %s): %s", _context(request).request_id, type(exc).__name__)
+        return error_response(request, MedLedgerError("internal error; the request was not completed"))

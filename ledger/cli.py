@@ -1,0 +1,154 @@
+"""The `medledger` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ledger.errors import MedLedgerError
+
+DEFAULT_WORKDIR = Path(".devnet")
+
+
+def _workdir(args: argparse.Namespace) -> Path:
+    return Path(args.workdir).resolve()
+
+
+def cmd_devnet(args: argparse.Namespace) -> int:
+    from devnet import manager
+
+    wd = _workdir(args)
+    if args.action == "up":
+        net = manager.up(wd)
+        print(json.dumps({k: net.data[k] for k in ("rpc_url", "chain_id", "ipfs_api", "contracts")}, indent=2))
+    elif args.action == "down":
+        stopped = manager.down(wd)
+        print(json.dumps({"stopped": stopped}))
+    else:
+        st = manager.status(wd)
+        print(json.dumps(st, indent=2))
+        return 0 if st.get("deployed") and st["anvil"]["running"] and st["ipfs"]["running"] else 3
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ledger.service import serve
+
+    serve(_workdir(args), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ledger.demo import run
+
+    def say(msg: str) -> None:
+        if not args.json:
+            print(msg, flush=True)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    result = run(_workdir(args), say=say)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"\nMedLedger demo: {len(result['uploaded'])} uploaded, {result['reads_allowed']} reads allowed, "
+            f"{result['reads_denied']} refused, {result['events']} audit events in {result['anchors']} on-chain anchors, "
+            f"verify ok={result['verify']['ok']}"
+        )
+    return 0 if result["verify"]["ok"] else 1
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from ledger import audit_cli
+
+    return audit_cli.run(args)
+
+
+def cmd_deid(args: argparse.Namespace) -> int:
+    from ledger.deid import DeidOption, deidentify_tree
+
+    options = set()
+    for name in args.option or []:
+        try:
+            options.add(DeidOption[name.upper().replace("-", "_")])
+        except KeyError:
+            valid = ", ".join(o.name.lower().replace("_", "-") for o in DeidOption)
+            print(f"medledger: unknown de-identification option {name!r}; valid: {valid}", file=sys.stderr)
+            return 2
+    src, dst = Path(args.input), Path(args.output)
+    if not src.exists():
+        print(f"medledger: {src} does not exist", file=sys.stderr)
+        return 2
+    report: Any = deidentify_tree(src, dst, options)
+    print(json.dumps(report if isinstance(report, dict) else getattr(report, "__dict__", str(report)), indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medledger", description="Consent-mediated DICOM exchange with an on-chain audit trail")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("devnet", help="a local chain (Anvil) and IPFS node (Kubo)")
+    d.add_argument("action", choices=["up", "down", "status"])
+    d.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
+    d.set_defaults(func=cmd_devnet)
+
+    s = sub.add_parser("serve", help="run the gateway (FastAPI) on the devnet in --workdir")
+    s.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=0, help="0 picks a free port (printed and written to devnet.json)")
+    s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("demo", help="the end-to-end story through the HTTP API")
+    m.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
+    m.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
+    m.set_defaults(func=cmd_demo)
+
+    a = sub.add_parser("audit", help="export and verify the audit log")
+    asub = a.add_subparsers(dest="audit_command", required=True)
+    ex = asub.add_parser("export", help="write the log with proofs as JSON lines")
+    ex.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
+    ex.add_argument("--out", required=True)
+    ve = asub.add_parser("verify", help="check an exported log against the chain alone")
+    ve.add_argument("--events", required=True)
+    ve.add_argument("--rpc", required=True)
+    ve.add_argument("--contract", required=True, help="the AccessLedger address")
+    ve.add_argument("--json", action="store_true")
+    pr = asub.add_parser("prove", help="one event's record and inclusion proof")
+    pr.add_argument("seq", type=int)
+    pr.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
+    pr.add_argument("--out")
+    ch = asub.add_parser("check", help="check one event's proof against the chain")
+    ch.add_argument("proof", help="a file written by `audit prove`")
+    ch.add_argument("--rpc", required=True)
+    ch.add_argument("--contract", required=True, help="the AccessLedger address")
+    a.set_defaults(func=cmd_audit)
+
+    de = sub.add_parser("deid", help="de-identify DICOM files (PS3.15 Annex E)")
+    de.add_argument("input")
+    de.add_argument("output")
+    de.add_argument("--option", action="append", help="e.g. retain-uids, retain-longitudinal-modified-dates")
+    de.set_defaults(func=cmd_deid)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except MedLedgerError as err:
+        print(f"medledger: {err.message} [{err.code}]", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, PermissionError) as err:
+        print(f"medledger: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
