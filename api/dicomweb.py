@@ -28,7 +28,10 @@ _CANNOT_UNDERSTAND = 0xC000
 
 
 def _ds_item(cls: str, uid: str) -> dict[str, Any]:
-    return {"00081150": {"vr": "UI", "Value": [cls]} if cls else {"vr": "UI"}, "00081155": {"vr": "UI", "Value": [uid]} if uid else {"vr": "UI"}}
+    return {
+        "00081150": {"vr": "UI", "Value": [cls]} if cls else {"vr": "UI"},
+        "00081155": {"vr": "UI", "Value": [uid]} if uid else {"vr": "UI"},
+    }
 
 
 def stow_response(base: str, outcome: StowOutcome) -> JSONResponse:
@@ -72,7 +75,7 @@ async def stow(request: Request, signed: Signed = Depends(member("hospital"))) -
     ctype = request.headers.get("content-type", "")
     mime, params = parse_content_type(ctype) if ctype else ("", {})
     if mime != "multipart/related":
-        raise UnsupportedMediaType("STOW-RS takes multipart/related; type=\"application/dicom\"")
+        raise UnsupportedMediaType('STOW-RS takes multipart/related; type="application/dicom"')
     part_type = params.get("type", "application/dicom").lower()
     if part_type != "application/dicom":
         raise UnsupportedMediaType(f"only application/dicom parts are accepted, not {part_type}")
@@ -100,14 +103,16 @@ def _wants_single(request: Request) -> bool:
         return False
     if "application/dicom" in kinds:
         return True
-    raise NotAcceptable("acceptable: multipart/related; type=\"application/dicom\" or application/dicom")
+    raise NotAcceptable('acceptable: multipart/related; type="application/dicom" or application/dicom')
 
 
 def _dicom_response(datas: list[bytes], single: bool, request_id: str) -> Response:
     headers = {"X-Request-Id": request_id}
     if single and len(datas) == 1:
         return Response(datas[0], media_type="application/dicom", headers=headers)
-    body, ctype = build_multipart_related([({"Content-Type": "application/dicom"}, d) for d in datas], "application/dicom")
+    body, ctype = build_multipart_related(
+        [({"Content-Type": "application/dicom"}, d) for d in datas], "application/dicom"
+    )
     return Response(body, headers={**headers, "Content-Type": ctype})
 
 
@@ -119,17 +124,27 @@ async def retrieve_instance(
     row = signed.gateway.find_instance(study, series, sop)
     assert signed.caller is not None
     datas = await signed.gateway.retrieve(
-        signed.caller, signed.ctx, [row], request.headers.get(PURPOSE_HEADER, ""), request.headers.get(BREAK_GLASS_HEADER)
+        signed.caller,
+        signed.ctx,
+        [row],
+        request.headers.get(PURPOSE_HEADER, ""),
+        request.headers.get(BREAK_GLASS_HEADER),
     )
     return _dicom_response(datas, single, signed.ctx.request_id)
 
 
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a whole study")
-async def retrieve_study(study: str, request: Request, signed: Signed = Depends(member("hospital"))) -> Response:
+async def retrieve_study(
+    study: str, request: Request, signed: Signed = Depends(member("hospital"))
+) -> Response:
     _wants_single(request)
     rows = signed.gateway.find_study(study)
     assert signed.caller is not None
     datas = await signed.gateway.retrieve(
-        signed.caller, signed.ctx, rows, request.headers.get(PURPOSE_HEADER, ""), request.headers.get(BREAK_GLASS_HEADER)
+        signed.caller,
+        signed.ctx,
+        rows,
+        request.headers.get(PURPOSE_HEADER, ""),
+        request.headers.get(BREAK_GLASS_HEADER),
     )
     return _dicom_response(datas, False, signed.ctx.request_id)

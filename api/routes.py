@@ -85,29 +85,53 @@ def _caller(s: Signed) -> Any:
 @router.post("/patients/lookup", tags=["patients"], summary="The patientRef of a patient ID (created if new)")
 async def lookup(signed: Signed = Depends(member("hospital"))) -> dict[str, Any]:
     body = parse(PatientLookup, signed.body)
-    ref = await asyncio.to_thread(signed.gateway.lookup_patient, _caller(signed), signed.ctx, body.issuer, body.patient_id)
+    ref = await asyncio.to_thread(
+        signed.gateway.lookup_patient, _caller(signed), signed.ctx, body.issuer, body.patient_id
+    )
     return {"patient_ref": ref}
 
 
-@router.post("/patients/{patient_ref}/enrollment", tags=["patients"], summary="Relay a hospital's attestation of a patient's key")
+@router.post(
+    "/patients/{patient_ref}/enrollment",
+    tags=["patients"],
+    summary="Relay a hospital's attestation of a patient's key",
+)
 async def enroll(patient_ref: str, signed: Signed = Depends(member("hospital"))) -> dict[str, Any]:
     body = parse(Enrollment, signed.body)
     return await asyncio.to_thread(
-        signed.gateway.enroll, _caller(signed), signed.ctx, patient_ref.lower(), body.patient_key, body.deadline, body.signature
+        signed.gateway.enroll,
+        _caller(signed),
+        signed.ctx,
+        patient_ref.lower(),
+        body.patient_key,
+        body.deadline,
+        body.signature,
     )
 
 
-@router.get("/patients/{patient_ref}", tags=["patients"], summary="The patient's key, nonce, studies and consents")
+@router.get(
+    "/patients/{patient_ref}", tags=["patients"], summary="The patient's key, nonce, studies and consents"
+)
 async def patient_info(patient_ref: str, signed: Signed = Depends(patient)) -> dict[str, Any]:
-    return await asyncio.to_thread(signed.gateway.patient_info, _caller(signed), signed.ctx, patient_ref.lower())
+    return await asyncio.to_thread(
+        signed.gateway.patient_info, _caller(signed), signed.ctx, patient_ref.lower()
+    )
 
 
-@router.get("/patients/{patient_ref}/history", tags=["patients"], summary="Who accessed my images, when, why, and the proofs")
+@router.get(
+    "/patients/{patient_ref}/history",
+    tags=["patients"],
+    summary="Who accessed my images, when, why, and the proofs",
+)
 async def history(patient_ref: str, signed: Signed = Depends(patient)) -> dict[str, Any]:
     return await asyncio.to_thread(signed.gateway.history, _caller(signed), signed.ctx, patient_ref.lower())
 
 
-@router.post("/patients/{patient_ref}/consents", tags=["consent"], summary="Relay a consent grant signed by the patient")
+@router.post(
+    "/patients/{patient_ref}/consents",
+    tags=["consent"],
+    summary="Relay a consent grant signed by the patient",
+)
 async def grant(patient_ref: str, signed: Signed = Depends(patient)) -> dict[str, Any]:
     body = parse(GrantBody, signed.body)
     g = body.model_dump()
@@ -115,13 +139,19 @@ async def grant(patient_ref: str, signed: Signed = Depends(patient)) -> dict[str
     return await asyncio.to_thread(signed.gateway.grant, _caller(signed), signed.ctx, g, body.signature)
 
 
-@router.post("/patients/{patient_ref}/consents/{consent_id}/revoke", tags=["consent"], summary="Relay a revocation signed by the patient")
+@router.post(
+    "/patients/{patient_ref}/consents/{consent_id}/revoke",
+    tags=["consent"],
+    summary="Relay a revocation signed by the patient",
+)
 async def revoke(patient_ref: str, consent_id: int, signed: Signed = Depends(patient)) -> dict[str, Any]:
     body = parse(RevokeBody, signed.body)
     c = signed.gateway.index.consents.get(consent_id)
     if c is None or c.patient_ref != patient_ref.lower():
         raise InvalidInput("no such consent for this patient", code="unknown_consent")
-    return await asyncio.to_thread(signed.gateway.revoke, _caller(signed), signed.ctx, consent_id, body.nonce, body.signature)
+    return await asyncio.to_thread(
+        signed.gateway.revoke, _caller(signed), signed.ctx, consent_id, body.nonce, body.signature
+    )
 
 
 # ---- sharing --------------------------------------------------------------------------------
@@ -129,7 +159,12 @@ async def revoke(patient_ref: str, consent_id: int, signed: Signed = Depends(pat
 async def share(signed: Signed = Depends(member("hospital"))) -> dict[str, Any]:
     body = parse(ShareBody, signed.body)
     return await asyncio.to_thread(
-        signed.gateway.share, _caller(signed), signed.ctx, body.study_instance_uid, body.recipient, body.purpose
+        signed.gateway.share,
+        _caller(signed),
+        signed.ctx,
+        body.study_instance_uid,
+        body.recipient,
+        body.purpose,
     )
 
 
@@ -145,7 +180,9 @@ async def events(signed: Signed = Depends(member("auditor"))) -> Response:
     rows = await asyncio.to_thread(signed.gateway.export_events, _caller(signed), signed.ctx)
     import json
 
-    return Response("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), media_type="application/x-ndjson")
+    return Response(
+        "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), media_type="application/x-ndjson"
+    )
 
 
 # ---- directory and governance --------------------------------------------------------------------
@@ -156,7 +193,9 @@ async def members(request: Request) -> list[dict[str, Any]]:
     signed = await authenticate(request)
     gw = signed.gateway
     m = gw.index.member_by_key(signed.signer)
-    if m is None and not any(p.key == signed.signer or signed.signer in p.delegates for p in gw.index.patients.values()):
+    if m is None and not any(
+        p.key == signed.signer or signed.signer in p.delegates for p in gw.index.patients.values()
+    ):
         from ledger.errors import NotAMember
 
         raise NotAMember("only members and enrolled patients may list members")
@@ -169,10 +208,14 @@ async def propose(signed: Signed = Depends(member("admin"))) -> dict[str, Any]:
     return await asyncio.to_thread(signed.gateway.propose, _caller(signed), signed.ctx, body.model_dump())
 
 
-@router.post("/governance/proposals/{proposal_id}/approvals", tags=["governance"], summary="Relay an admin's approval")
+@router.post(
+    "/governance/proposals/{proposal_id}/approvals", tags=["governance"], summary="Relay an admin's approval"
+)
 async def approve(proposal_id: int, signed: Signed = Depends(member("admin"))) -> dict[str, Any]:
     body = parse(ApproveBody, signed.body)
-    return await asyncio.to_thread(signed.gateway.approve, _caller(signed), signed.ctx, proposal_id, body.signature)
+    return await asyncio.to_thread(
+        signed.gateway.approve, _caller(signed), signed.ctx, proposal_id, body.signature
+    )
 
 
 @router.get("/governance/nonces/{address}", tags=["governance"], summary="An admin's next proposal nonce")

@@ -73,7 +73,9 @@ def start_anvil(workdir: Path, *, chain_id: int = DEFAULT_CHAIN_ID, timeout: flo
 
 def _answers(url: str) -> bool:
     try:
-        r = httpx.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}, timeout=2)
+        r = httpx.post(
+            url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}, timeout=2
+        )
         return r.status_code == 200 and "result" in r.json()
     except httpx.HTTPError:
         return False

@@ -66,7 +66,9 @@ def devnet_file(workdir: Path) -> Path:
 def load(workdir: Path) -> Devnet:
     path = devnet_file(workdir)
     if not path.exists():
-        raise DevnetError(f"no devnet in {workdir} (no devnet.json); run `medledger devnet up --workdir {workdir}`")
+        raise DevnetError(
+            f"no devnet in {workdir} (no devnet.json); run `medledger devnet up --workdir {workdir}`"
+        )
     return Devnet(workdir=workdir, data=json.loads(path.read_text()))
 
 
@@ -139,7 +141,12 @@ def _deployed(data: dict[str, Any]) -> bool:
     try:
         r = httpx.post(
             data["rpc_url"],
-            json={"jsonrpc": "2.0", "id": 1, "method": "eth_getCode", "params": [data["contracts"]["AccessLedger"], "latest"]},
+            json={
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "eth_getCode",
+                "params": [data["contracts"]["AccessLedger"], "latest"],
+            },
             timeout=5,
         )
         return len(r.json().get("result", "0x")) > 2
@@ -154,7 +161,11 @@ def _deploy(workdir: Path, rpc_url: str) -> dict[str, Any]:
     artifacts = build_dir / "contracts.json"
     artifacts.write_text(json.dumps(build))
     keys = workdir / "keys"
-    gateway = read_key(keys / "gateway.key") if (keys / "gateway.key").exists() else create_key(keys / "gateway.key")
+    gateway = (
+        read_key(keys / "gateway.key")
+        if (keys / "gateway.key").exists()
+        else create_key(keys / "gateway.key")
+    )
     admins = []
     for i in range(1, ADMIN_COUNT + 1):
         kp = keys / f"admin-{i}.key"
@@ -163,7 +174,12 @@ def _deploy(workdir: Path, rpc_url: str) -> dict[str, Any]:
     # Devnet only: fund the gateway (the one account that sends transactions).
     httpx.post(
         rpc_url,
-        json={"jsonrpc": "2.0", "id": 1, "method": "anvil_setBalance", "params": [gateway.address, hex(10**24)]},
+        json={
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "anvil_setBalance",
+            "params": [gateway.address, hex(10**24)],
+        },
         timeout=10,
     ).raise_for_status()
     chain = ChainClient(rpc_url, abis, account=gateway)
@@ -191,9 +207,18 @@ def _deploy(workdir: Path, rpc_url: str) -> dict[str, Any]:
         "deploy_block": deploy_block,
         "artifacts": str(artifacts),
         "solc": build["solc"],
-        "gateway": {"address": gateway.address, "member_id": gateway_id, "key_file": str(keys / "gateway.key")},
+        "gateway": {
+            "address": gateway.address,
+            "member_id": gateway_id,
+            "key_file": str(keys / "gateway.key"),
+        },
         "admins": [
-            {"address": a.address, "member_id": mid, "key_file": str(keys / f"admin-{i}.key"), "name": names[i]}
+            {
+                "address": a.address,
+                "member_id": mid,
+                "key_file": str(keys / f"admin-{i}.key"),
+                "name": names[i],
+            }
             for i, (a, mid) in enumerate(zip(admins, admin_ids, strict=True), start=1)
         ],
         "admin_threshold": ADMIN_THRESHOLD,

@@ -50,7 +50,9 @@ def read_chain_anchors(chain: ChainClient, start: int = 0, page: int = 500) -> l
     i = start
     while i < count:
         for j, a in enumerate(contract.functions.anchors(i, page).call()):
-            out.append(ChainAnchor(i + j, int(a[0]), int(a[1]), bytes(a[2]), int(a[3]), int(a[4]), bool(a[5])))
+            out.append(
+                ChainAnchor(i + j, int(a[0]), int(a[1]), bytes(a[2]), int(a[3]), int(a[4]), bool(a[5]))
+            )
         i += page
     return out
 
@@ -184,7 +186,9 @@ class Anchorer:
             if self.mode == "tree":
                 self._extend_frontier(size)
                 root = self._frontier.root()
-                sent = self.chain.send("AccessLedger", "anchorTree", size, root, gas=ANCHOR_TREE_GAS, preflight=False)
+                sent = self.chain.send(
+                    "AccessLedger", "anchorTree", size, root, gas=ANCHOR_TREE_GAS, preflight=False
+                )
                 idx = self.audit.record_anchor(size, root, "tree", sent.tx_hash)
                 receipt = self.chain.wait(sent)
                 self.audit.confirm_anchor(idx, int(receipt["blockNumber"]))

@@ -36,7 +36,9 @@ FORMAT = "medledger-audit-export"
 
 
 def bundled_abis() -> dict[str, list[dict[str, Any]]]:
-    data: dict[str, list[dict[str, Any]]] = json.loads(resources.files("ledger").joinpath("abi.json").read_text())
+    data: dict[str, list[dict[str, Any]]] = json.loads(
+        resources.files("ledger").joinpath("abi.json").read_text()
+    )
     return data
 
 
@@ -73,7 +75,10 @@ def export(workdir: Path, out: Path) -> dict[str, Any]:
             for ev in audit.iter_all():
                 proof = None
                 if ev.seq < size:
-                    proof = {"tree_size": size, "path": [_hex(p) for p in audit.inclusion_proof(ev.seq, size)]}
+                    proof = {
+                        "tree_size": size,
+                        "path": [_hex(p) for p in audit.inclusion_proof(ev.seq, size)],
+                    }
                 line = {"type": "event", "event": ev.to_dict(), "leaf": _hex(leaf_hash(ev)), "proof": proof}
                 fh.write(json.dumps(line, sort_keys=True, ensure_ascii=False) + "\n")
                 count += 1
@@ -108,7 +113,11 @@ def verify_export(path: Path, rpc: str, contract: str) -> dict[str, Any]:
     ledger_membership = chain.contract("AccessLedger").functions.membership().call()
     consent_membership = chain.contract("Consent").functions.membership().call()
     if ledger_membership != consent_membership:
-        extra.append(Problem("consent_contract_mismatch", None, "the export names a Consent contract of another deployment"))
+        extra.append(
+            Problem(
+                "consent_contract_mismatch", None, "the export names a Consent contract of another deployment"
+            )
+        )
     chain.addresses["Membership"] = ledger_membership
     anchors: list[ChainAnchor] = read_chain_anchors(chain)
     consents = read_chain_consents(chain)
@@ -122,9 +131,17 @@ def verify_export(path: Path, rpc: str, contract: str) -> dict[str, Any]:
         root = roots.get(int(proof["tree_size"]))
         path_ = [bytes.fromhex(p.removeprefix("0x")) for p in proof["path"]]
         if root is None or not verify_inclusion(leaf_hash(ev), ev.seq, int(proof["tree_size"]), path_, root):
-            extra.append(Problem("bad_proof", ev.seq, "the exported inclusion proof does not verify against the chain"))
+            extra.append(
+                Problem("bad_proof", ev.seq, "the exported inclusion proof does not verify against the chain")
+            )
     if header.get("tree_size", 0) and anchors and header["tree_size"] < anchors[-1].tree_size:
-        extra.append(Problem("stale_export", header["tree_size"], f"the chain has anchored {anchors[-1].tree_size} events since this export"))
+        extra.append(
+            Problem(
+                "stale_export",
+                header["tree_size"],
+                f"the chain has anchored {anchors[-1].tree_size} events since this export",
+            )
+        )
     report.problems.extend(extra)
     report.ok = not report.problems
     return report.to_dict()
@@ -177,7 +194,13 @@ def check(proof_file: Path, rpc: str, contract: str) -> dict[str, Any]:
         problems.append(f"no on-chain anchor has tree size {tree_size}")
     elif not verify_inclusion(leaf_hash(ev), ev.seq, tree_size, path_, anchor.root):
         problems.append("the proof does not lead from this event to the on-chain root")
-    return {"ok": not problems, "seq": ev.seq, "tree_size": tree_size, "anchor_index": anchor.index if anchor else None, "problems": problems}
+    return {
+        "ok": not problems,
+        "seq": ev.seq,
+        "tree_size": tree_size,
+        "anchor_index": anchor.index if anchor else None,
+        "problems": problems,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,7 +213,9 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(report, indent=2))
         else:
-            print(f"verify: {'OK' if report['ok'] else 'FAILED'}: {report['events_checked']} events, {report['anchors_checked']} anchors")
+            print(
+                f"verify: {'OK' if report['ok'] else 'FAILED'}: {report['events_checked']} events, {report['anchors_checked']} anchors"
+            )
             for pr in report["problems"]:
                 print(f"  seq {pr['seq']}: {pr['code']}: {pr['detail']}")
         return 0 if report["ok"] else 1

@@ -130,12 +130,17 @@ class Catalog:
 
     def find_patient_ref(self, lookup_key: str) -> str | None:
         with self._lock:
-            row = self._db.execute("SELECT patient_ref FROM patients WHERE lookup_key=?", (lookup_key,)).fetchone()
+            row = self._db.execute(
+                "SELECT patient_ref FROM patients WHERE lookup_key=?", (lookup_key,)
+            ).fetchone()
         return str(row[0]) if row else None
 
     def patient_exists(self, patient_ref: str) -> bool:
         with self._lock:
-            return self._db.execute("SELECT 1 FROM patients WHERE patient_ref=?", (patient_ref,)).fetchone() is not None
+            return (
+                self._db.execute("SELECT 1 FROM patients WHERE patient_ref=?", (patient_ref,)).fetchone()
+                is not None
+            )
 
     # ---- instances ---------------------------------------------------------------------
     def add_instance(self, inst: StoredInstance) -> None:
@@ -143,14 +148,17 @@ class Catalog:
         placeholders = ",".join("?" * len(values))
         try:
             with self._tx() as db:
-                db.execute(f"INSERT INTO instances({','.join(_INSTANCE_COLUMNS)}) VALUES ({placeholders})", values)
+                db.execute(
+                    f"INSERT INTO instances({','.join(_INSTANCE_COLUMNS)}) VALUES ({placeholders})", values
+                )
         except sqlite3.IntegrityError as exc:
             raise Conflict("an instance with this SOP Instance UID is already stored") from exc
 
     def instance(self, sop_instance_uid: str) -> StoredInstance | None:
         with self._lock:
             row = self._db.execute(
-                f"SELECT {','.join(_INSTANCE_COLUMNS)} FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)
+                f"SELECT {','.join(_INSTANCE_COLUMNS)} FROM instances WHERE sop_instance_uid=?",
+                (sop_instance_uid,),
             ).fetchone()
         return StoredInstance(*row) if row else None
 
@@ -180,7 +188,8 @@ class Catalog:
             db.execute("DELETE FROM seen_nonces WHERE expires_ms < ?", (now,))
             try:
                 db.execute(
-                    "INSERT INTO seen_nonces(signer, nonce, expires_ms) VALUES (?,?,?)", (signer, nonce, expires_ms)
+                    "INSERT INTO seen_nonces(signer, nonce, expires_ms) VALUES (?,?,?)",
+                    (signer, nonce, expires_ms),
                 )
             except sqlite3.IntegrityError:
                 return False

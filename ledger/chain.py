@@ -61,7 +61,13 @@ class ErrorDecoder:
             values = abi_decode(types, data[4:])
         except Exception:  # malformed revert data: still name the error
             return (name, {})
-        return (name, {n: (HexBytes(v).to_0x_hex() if isinstance(v, bytes) else v) for n, v in zip(names, values, strict=True)})
+        return (
+            name,
+            {
+                n: (HexBytes(v).to_0x_hex() if isinstance(v, bytes) else v)
+                for n, v in zip(names, values, strict=True)
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,7 @@ class NonceManager:
     def take(self) -> int:
         with self._lock:
             if self._next is None:
-                self._next = self._w3.eth.get_transaction_count(self._address, "pending")
+                self._next = self._w3.eth.get_transaction_count(to_checksum_address(self._address), "pending")
             n = self._next
             self._next += 1
             return n
@@ -143,7 +149,11 @@ class ChainClient:
     # ---- errors --------------------------------------------------------------------------
     def decode_error(self, exc: Exception) -> ChainError:
         data: Any = getattr(exc, "data", None)
-        if isinstance(exc, ContractCustomError | ContractLogicError) and isinstance(data, str) and data.startswith("0x"):
+        if (
+            isinstance(exc, ContractCustomError | ContractLogicError)
+            and isinstance(data, str)
+            and data.startswith("0x")
+        ):
             name, args = self.errors.decode(bytes.fromhex(data[2:]))
             detail = ", ".join(f"{k}={v}" for k, v in args.items())
             err = ChainError(f"contract refused: {name}({detail})", code=f"chain:{name}")

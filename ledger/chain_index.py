@@ -117,7 +117,7 @@ class ChainIndex:
         for contract_name in ("Membership", "Consent"):
             for item in chain.abis[contract_name]:
                 if item.get("type") == "event":
-                    self._events[event_abi_to_log_topic(item)] = (item["name"], item)
+                    self._events[event_abi_to_log_topic(item)] = (item["name"], item)  # type: ignore[arg-type]
 
     # ---- syncing -----------------------------------------------------------------------
     def start(self) -> None:
@@ -164,7 +164,9 @@ class ChainIndex:
         try:
             self.sync()
         except Exception as exc:
-            raise StoreUnavailable("the chain is unreachable; membership and consent cannot be checked") from exc
+            raise StoreUnavailable(
+                "the chain is unreachable; membership and consent cannot be checked"
+            ) from exc
 
     def apply_receipt(self, receipt: Any) -> None:
         """Apply the logs of a transaction this gateway relayed, at once."""
@@ -212,7 +214,9 @@ class ChainIndex:
                 self.key_to_member[m.key] = mid
         elif name == "PatientEnrolled":
             ref = _hex(a["patientRef"])
-            self.patients[ref] = PatientState(ref, to_checksum_address(a["patientKey"]), _hex(a["hospitalId"]))
+            self.patients[ref] = PatientState(
+                ref, to_checksum_address(a["patientKey"]), _hex(a["hospitalId"])
+            )
         elif name == "PatientKeyRotated":
             ref = _hex(a["patientRef"])
             if ref in self.patients:
@@ -269,7 +273,9 @@ class ChainIndex:
         with self._lock:
             return [c for c in self.consents.values() if c.patient_ref == patient_ref]
 
-    def decide(self, patient_ref: str, grantee: str, study_ref: str, purpose: str, at: int | None = None) -> ConsentDecision:
+    def decide(
+        self, patient_ref: str, grantee: str, study_ref: str, purpose: str, at: int | None = None
+    ) -> ConsentDecision:
         """Whether a consent in force allows `grantee` to access `study_ref` for `purpose`.
 
         When nothing allows it, the reason names the closest rule that refused: a matching
@@ -279,7 +285,9 @@ class ChainIndex:
         self.ensure_fresh()
         when = int(self._clock()) if at is None else at
         with self._lock:
-            mine = [c for c in self.consents.values() if c.patient_ref == patient_ref and c.grantee == grantee]
+            mine = [
+                c for c in self.consents.values() if c.patient_ref == patient_ref and c.grantee == grantee
+            ]
         for c in sorted(mine, key=lambda c: -c.consent_id):
             if c.allows(grantee, study_ref, purpose, when):
                 return ConsentDecision(True, "", c)

@@ -23,7 +23,9 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     wd = _workdir(args)
     if args.action == "up":
         net = manager.up(wd)
-        print(json.dumps({k: net.data[k] for k in ("rpc_url", "chain_id", "ipfs_api", "contracts")}, indent=2))
+        print(
+            json.dumps({k: net.data[k] for k in ("rpc_url", "chain_id", "ipfs_api", "contracts")}, indent=2)
+        )
     elif args.action == "down":
         stopped = manager.down(wd)
         print(json.dumps({"stopped": stopped}))
@@ -69,27 +71,48 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_deid(args: argparse.Namespace) -> int:
-    from ledger.deid import DeidOption, deidentify_tree
+    from ledger.deid import DeidContext, DeidError, DeidOption, deidentify_file, deidentify_tree
 
-    options = set()
+    options = DeidOption.NONE
     for name in args.option or []:
-        try:
-            options.add(DeidOption[name.upper().replace("-", "_")])
-        except KeyError:
-            valid = ", ".join(o.name.lower().replace("_", "-") for o in DeidOption)
+        key = name.upper().replace("-", "_")
+        if key not in DeidOption.__members__ or key == "NONE":
+            valid = ", ".join(n.lower().replace("_", "-") for n in DeidOption.__members__ if n != "NONE")
             print(f"medledger: unknown de-identification option {name!r}; valid: {valid}", file=sys.stderr)
             return 2
+        options |= DeidOption[key]
     src, dst = Path(args.input), Path(args.output)
     if not src.exists():
         print(f"medledger: {src} does not exist", file=sys.stderr)
         return 2
-    report: Any = deidentify_tree(src, dst, options)
-    print(json.dumps(report if isinstance(report, dict) else getattr(report, "__dict__", str(report)), indent=2, default=str))
-    return 0
+    try:
+        if src.is_file():
+            out = dst / src.name if dst.is_dir() else dst
+            deidentify_file(src, out, options, DeidContext())
+            print(json.dumps({"written": [str(out)], "skipped": []}))
+            return 0
+        report = deidentify_tree(src, dst, options)
+    except (DeidError, ValueError) as err:
+        print(f"medledger: {err}", file=sys.stderr)
+        return 1
+    print(
+        json.dumps(
+            {
+                "written": len(report.written),
+                "studies": report.studies,
+                "patients": report.patients,
+                "skipped": [{"file": str(p), "reason": r} for p, r in report.skipped],
+            },
+            indent=2,
+        )
+    )
+    return 0 if report.written or not report.skipped else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medledger", description="Consent-mediated DICOM exchange with an on-chain audit trail")
+    p = argparse.ArgumentParser(
+        prog="medledger", description="Consent-mediated DICOM exchange with an on-chain audit trail"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("devnet", help="a local chain (Anvil) and IPFS node (Kubo)")
@@ -100,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the gateway (FastAPI) on the devnet in --workdir")
     s.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=0, help="0 picks a free port (printed and written to devnet.json)")
+    s.add_argument(
+        "--port", type=int, default=0, help="0 picks a free port (printed and written to devnet.json)"
+    )
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("demo", help="the end-to-end story through the HTTP API")

@@ -58,7 +58,9 @@ class MedLedgerAuth(httpx.Auth):
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         query = request.url.query.decode() if isinstance(request.url.query, bytes) else str(request.url.query)
-        signed = sign_request(self._key, self._separator, request.method, request.url.path, query, request.content)
+        signed = sign_request(
+            self._key, self._separator, request.method, request.url.path, query, request.content
+        )
         request.headers.update(signed.as_dict())
         yield request
 
@@ -72,12 +74,20 @@ class MedLedgerRequestsAuth(requests.auth.AuthBase):
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
         url = urlsplit(r.url or "")
-        body = r.body if isinstance(r.body, bytes) else (r.body or "").encode() if isinstance(r.body, str) else b""
+        body = (
+            r.body
+            if isinstance(r.body, bytes)
+            else (r.body or "").encode()
+            if isinstance(r.body, str)
+            else b""
+        )
         if r.body is not None and not isinstance(r.body, bytes | str):
             raise TypeError("streamed request bodies cannot be signed; pass bytes")
         from urllib.parse import unquote
 
-        signed = sign_request(self._key, self._separator, r.method or "GET", unquote(url.path), url.query, body)
+        signed = sign_request(
+            self._key, self._separator, r.method or "GET", unquote(url.path), url.query, body
+        )
         r.headers.update(signed.as_dict())
         return r
 
@@ -113,7 +123,12 @@ class GatewayClient:
         if r.status_code >= 400:
             try:
                 data = r.json()
-                raise GatewayError(r.status_code, data.get("error", "error"), data.get("message", r.text), data.get("request_id", ""))
+                raise GatewayError(
+                    r.status_code,
+                    data.get("error", "error"),
+                    data.get("message", r.text),
+                    data.get("request_id", ""),
+                )
             except ValueError:
                 raise GatewayError(r.status_code, "error", r.text[:200]) from None
         return r
@@ -131,10 +146,18 @@ class GatewayClient:
     # ---- DICOMweb --------------------------------------------------------------------------
     def stow(self, instances: list[bytes]) -> tuple[int, dict[str, Any]]:
         """STOW-RS; returns (HTTP status, DICOM JSON response). 409 (none stored) is not raised."""
-        body, ctype = build_multipart_related([({"Content-Type": "application/dicom"}, d) for d in instances], "application/dicom")
-        r = self.http.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype, "Accept": "application/dicom+json"})
+        body, ctype = build_multipart_related(
+            [({"Content-Type": "application/dicom"}, d) for d in instances], "application/dicom"
+        )
+        r = self.http.post(
+            "/dicomweb/studies",
+            content=body,
+            headers={"Content-Type": ctype, "Accept": "application/dicom+json"},
+        )
         self.last_cids = [c for c in r.headers.get("x-medledger-cids", "").split(",") if c]
-        if r.status_code in (200, 202, 409) and r.headers.get("content-type", "").startswith("application/dicom+json"):
+        if r.status_code in (200, 202, 409) and r.headers.get("content-type", "").startswith(
+            "application/dicom+json"
+        ):
             return r.status_code, r.json()
         self._check(r)
         return r.status_code, r.json()
@@ -145,11 +168,15 @@ class GatewayClient:
             return [r.content]
         return [p.data for p in parse_multipart_related_bytes(r.content, params["boundary"])]
 
-    def retrieve(self, study: str, series: str, sop: str, *, purpose: str, break_glass: str | None = None) -> bytes:
+    def retrieve(
+        self, study: str, series: str, sop: str, *, purpose: str, break_glass: str | None = None
+    ) -> bytes:
         headers = {"X-MedLedger-Purpose": purpose, "Accept": 'multipart/related; type="application/dicom"'}
         if break_glass is not None:
             headers["X-MedLedger-Break-Glass"] = break_glass
-        r = self._check(self.http.get(f"/dicomweb/studies/{study}/series/{series}/instances/{sop}", headers=headers))
+        r = self._check(
+            self.http.get(f"/dicomweb/studies/{study}/series/{series}/instances/{sop}", headers=headers)
+        )
         parts = self._parts(r)
         if len(parts) != 1:
             raise GatewayError(502, "bad_response", f"expected one instance, got {len(parts)}")
@@ -163,13 +190,25 @@ class GatewayClient:
 
     # ---- patients and consent ---------------------------------------------------------------
     def lookup_patient(self, patient_id: str, issuer: str = "") -> str:
-        return str(self._json("POST", "/patients/lookup", {"patient_id": patient_id, "issuer": issuer})["patient_ref"])
+        return str(
+            self._json("POST", "/patients/lookup", {"patient_id": patient_id, "issuer": issuer})[
+                "patient_ref"
+            ]
+        )
 
     def enroll(self, patient_ref: str, patient_key: str, *, ttl: int = 600) -> dict[str, Any]:
         """As a hospital: attest that `patient_key` belongs to the patient behind `patient_ref`."""
         deadline = int(time.time()) + ttl
-        sig = self.sign("Enroll", {"patientRef": patient_ref, "patientKey": patient_key, "deadline": deadline})
-        return dict(self._json("POST", f"/patients/{patient_ref}/enrollment", {"patient_key": patient_key, "deadline": deadline, "signature": sig}))
+        sig = self.sign(
+            "Enroll", {"patientRef": patient_ref, "patientKey": patient_key, "deadline": deadline}
+        )
+        return dict(
+            self._json(
+                "POST",
+                f"/patients/{patient_ref}/enrollment",
+                {"patient_key": patient_key, "deadline": deadline, "signature": sig},
+            )
+        )
 
     def patient(self, patient_ref: str) -> dict[str, Any]:
         return dict(self._json("GET", f"/patients/{patient_ref}"))
@@ -215,13 +254,25 @@ class GatewayClient:
     def revoke(self, patient_ref: str, consent_id: int, *, nonce: int | None = None) -> dict[str, Any]:
         n = int(self.patient(patient_ref)["nonce"]) if nonce is None else nonce
         sig = self.sign("Revoke", {"consentId": consent_id, "nonce": n})
-        return dict(self._json("POST", f"/patients/{patient_ref}/consents/{consent_id}/revoke", {"nonce": n, "signature": sig}))
+        return dict(
+            self._json(
+                "POST",
+                f"/patients/{patient_ref}/consents/{consent_id}/revoke",
+                {"nonce": n, "signature": sig},
+            )
+        )
 
     def history(self, patient_ref: str) -> dict[str, Any]:
         return dict(self._json("GET", f"/patients/{patient_ref}/history"))
 
     def share(self, study_instance_uid: str, recipient: str, purpose: str) -> dict[str, Any]:
-        return dict(self._json("POST", "/shares", {"study_instance_uid": study_instance_uid, "recipient": recipient, "purpose": purpose}))
+        return dict(
+            self._json(
+                "POST",
+                "/shares",
+                {"study_instance_uid": study_instance_uid, "recipient": recipient, "purpose": purpose},
+            )
+        )
 
     # ---- audit and governance --------------------------------------------------------------
     def verify(self) -> dict[str, Any]:
@@ -263,7 +314,17 @@ class GatewayClient:
             "deadline": deadline,
             "nonce": nonce,
         }
-        body = {"action": action, "member_id": member_id, "key": key, "role": role, "name": name, "value": value, "deadline": deadline, "nonce": nonce, "signature": self.sign("Propose", msg)}
+        body = {
+            "action": action,
+            "member_id": member_id,
+            "key": key,
+            "role": role,
+            "name": name,
+            "value": value,
+            "deadline": deadline,
+            "nonce": nonce,
+            "signature": self.sign("Propose", msg),
+        }
         return dict(self._json("POST", "/governance/proposals", body))
 
     def approve(self, proposal_id: int) -> dict[str, Any]:

@@ -100,7 +100,7 @@ def _story(workdir: Path, devnet: manager.Devnet, url: str, say: Any) -> dict[st
     pat_key = load_or_create_key(keys / "demo-patient.key")
 
     say("· governance: adding Hospital A, Hospital B and an auditor (each 2-of-3 admin approvals)")
-    a_id = _ensure_member(admins, a_key.address, "hospital", "St. Elsewhere Hospital (A)")
+    _ensure_member(admins, a_key.address, "hospital", "St. Elsewhere Hospital (A)")
     b_id = _ensure_member(admins, b_key.address, "hospital", "County General Hospital (B)")
     _ensure_member(admins, aud_key.address, "auditor", "National Health Audit Office")
     hospital_a = GatewayClient(url, a_key.key)
@@ -109,7 +109,9 @@ def _story(workdir: Path, devnet: manager.Devnet, url: str, say: Any) -> dict[st
     patient = GatewayClient(url, pat_key.key)
 
     instances = demo_instances()
-    say(f"· Hospital A uploads {len(instances)} real DICOM instances ({', '.join(n for n, _, _ in instances)})")
+    say(
+        f"· Hospital A uploads {len(instances)} real DICOM instances ({', '.join(n for n, _, _ in instances)})"
+    )
     status, stow = hospital_a.stow([d for _, d, _ in instances])
     cids = list(hospital_a.last_cids)
     if status != 200:
@@ -117,13 +119,12 @@ def _story(workdir: Path, devnet: manager.Devnet, url: str, say: Any) -> dict[st
     stored = stow["00081199"]["Value"]
 
     patient_ref = hospital_a.lookup_patient(DEMO_PATIENT_ID, DEMO_ISSUER)
-    info_before = None
     try:
-        info_before = patient.patient(patient_ref)
-    except GatewayError:
         hospital_a.enroll(patient_ref, pat_key.address)
+    except GatewayError as err:
+        if err.code != "chain:PatientAlreadyEnrolled":  # a re-run on the same workdir
+            raise
     say(f"· patient enrolled as {patient_ref[:18]}… (an opaque random ref; no PHI on-chain)")
-    del info_before
 
     reads_allowed = 0
     reads_denied = 0
@@ -204,7 +205,8 @@ def _story(workdir: Path, devnet: manager.Devnet, url: str, say: Any) -> dict[st
         "contracts": devnet.contracts,
         "gateway_url": url,
         "uploaded": [
-            {"file": name, "sop_instance_uid": s["00081155"]["Value"][0]} for (name, _, _), s in zip(instances, stored, strict=True)
+            {"file": name, "sop_instance_uid": s["00081155"]["Value"][0]}
+            for (name, _, _), s in zip(instances, stored, strict=True)
         ],
         "cids": cids,
         "patient_ref": patient_ref,

@@ -21,64 +21,76 @@ ends the data set early, a duplicate tag, an explicit-VR file that is really imp
    name decoded, with pydicom warnings escalated to errors (``warnings.simplefilter("error")``)
    except the per-value VR validation warnings listed below. Then the semantic checks run.
 
-Outcome table (defect -> outcome -> reason code; ``NotDicom.code`` unless noted):
+Outcome table (defect -> outcome -> reason code, the ``code`` of the raised error; every
+reject is :class:`~ledger.errors.NotDicom` unless noted):
 
-====================================================================  =========  ===============================
-defect                                                                outcome    reason code
-====================================================================  =========  ===============================
-object larger than ``max_size`` (or inflated data set larger than     reject     ``payload_too_large``
-``max_inflated_size``)                                                           (:class:`PayloadTooLarge`)
-zero bytes                                                            reject     ``dicom_empty``
-no 128-byte preamble + ``DICM`` prefix (raw data set, PNG, random     reject     ``dicom_not_part10``
-bytes, ...); ``force=True`` reads are never made
-no file meta group (0002,xxxx) after the prefix                       reject     ``dicom_meta_missing``
-meta lacks TransferSyntaxUID / MediaStorageSOPClassUID /              reject     ``dicom_meta_incomplete``
+==============================================================  =======  ===================================
+defect                                                          outcome  reason code
+==============================================================  =======  ===================================
+object larger than max_size, or a deflated data set inflating   reject   payload_too_large (PayloadTooLarge)
+past max_inflated_size
+zero bytes                                                      reject   dicom_empty
+no 128-byte preamble + DICM prefix (raw data set without meta,  reject   dicom_not_part10
+PNG, random bytes); force=True reads are never made
+no file meta group (0002,xxxx) after the prefix                 reject   dicom_meta_missing
+meta lacks TransferSyntaxUID, MediaStorageSOPClassUID or        reject   dicom_meta_incomplete
 MediaStorageSOPInstanceUID (message names which)
-(0002,0000) group length present but not equal to the meta length     reject     ``dicom_meta_group_length``
-(0002,0000) group length absent                                       accept     (tolerated, read by structure)
-transfer syntax not a known DICOM transfer syntax (private/unknown)   reject     ``dicom_unknown_transfer_syntax``
-deflated / explicit VR big endian (retired) / implicit VR LE /        accept     (recorded in
-encapsulated (JPEG, JPEG-LS, J2K, HTJ2K, RLE, MPEG, ...) syntaxes                ``transfer_syntax_uid``)
-an element's declared length runs past the end of its container       reject     ``dicom_truncated``
-(file, sequence item, sequence), incl. a header cut short
-undefined-length sequence/item/pixel data without its delimiter       reject     ``dicom_missing_delimiter``
-stray item/delimitation tag, non-item inside a sequence, item of a    reject     ``dicom_bad_structure``
-defined length not consumed exactly, undefined length on a VR that
-cannot have one, group 0000 (command) / 0002 (meta) / reserved
-groups inside the data set
-duplicate or descending tag (pydicom would silently keep one)         reject     ``dicom_tag_order``
-explicit VR bytes that are not a PS3.5 VR (e.g. data set encoded      reject     ``dicom_bad_vr``
-implicit VR under an explicit VR transfer syntax)
-sequences nested deeper than ``MAX_SEQUENCE_DEPTH``                   reject     ``dicom_nesting_too_deep``
-deflated data set does not inflate, ends early or has trailing bytes  reject     ``dicom_deflate_error``
-pydicom raises while decoding any element                             reject     ``dicom_unparseable``
-pydicom warns about anything but a per-value VR check                 reject     ``dicom_parse_warning``
-per-value VR check warning (e.g. IS "1A", a UID component "0123" in   accept     (VR recorded in
-a non-key attribute)                                                             ``value_warnings``)
-SpecificCharacterSet term unknown / not usable, or a text/person     reject     ``dicom_bad_charset``
-name value not decodable in the declared character set (no silent
-fallback: a mangled patient name would break patient matching)
-SpecificCharacterSet absent or empty                                  accept     (default repertoire, ISO IR 6)
-SOPClassUID/SOPInstanceUID/StudyInstanceUID/SeriesInstanceUID absent  reject     ``dicom_missing_uid``
-or empty
-a key UID (those four, the three meta UIDs) not PS3.5 9.1 conformant  reject     ``dicom_invalid_uid``
-(digits and dots, <= 64 chars, no empty or leading-zero component,
-single valued)
-MediaStorageSOPInstanceUID != SOPInstanceUID or                       reject     ``dicom_meta_mismatch``
+(0002,0000) group length present but wrong, or not a 4-byte UL  reject   dicom_meta_group_length
+(0002,0000) group length absent                                 accept   (tolerated: meta framed by its
+                                                                         group)
+transfer syntax unknown to the standard, or private             reject   dicom_unknown_transfer_syntax
+deflated, explicit VR big endian (retired), implicit VR LE,     accept   (transfer_syntax_uid records it)
+encapsulated (JPEG, JPEG-LS, J2K, HTJ2K, RLE, MPEG, ...)
+deflate stream followed by a gzip trailer that matches          accept   (tolerated: verified, not garbage)
+(CRC-32, size) or a pad byte
+deflated data set does not inflate, ends early, or other bytes  reject   dicom_deflate_error
+follow it
+an element's declared length runs past the end of its           reject   dicom_truncated
+container (file, item, sequence), or a header is cut short
+undefined-length sequence, item or encapsulated pixel data      reject   dicom_missing_delimiter
+without its delimiter
+stray item/delimiter tag, non-item inside a sequence,           reject   dicom_bad_structure
+undefined length on a VR that cannot have it, group
+0000/0001/0002/0003/0005/0007/FFFF in the data set
+duplicate or descending tag (pydicom silently keeps one)        reject   dicom_tag_order
+explicit VR bytes that are no PS3.5 VR (e.g. data set written   reject   dicom_bad_vr
+implicit VR under an explicit VR syntax; pydicom guesses)
+sequences nested deeper than MAX_SEQUENCE_DEPTH                 reject   dicom_nesting_too_deep
+pydicom raises while decoding any element                       reject   dicom_unparseable
+pydicom warns of anything not listed as tolerated here          reject   dicom_parse_warning
+pydicom per-value VR check fails (IS '1A', a reference UID      accept   (VR kept in value_warnings)
+with a '0123' component) outside the key attributes
+implicit VR, public tag missing from pydicom's dictionary       accept   ("UN" in value_warnings)
+(read as UN, framing checked)
+SpecificCharacterSet term not a defined term, or code           reject   dicom_bad_charset
+extensions on a term that allows none, or a text value not
+decodable in it (no silent fallback)
+SpecificCharacterSet absent or empty                            accept   (default repertoire)
+SOPClassUID, SOPInstanceUID, StudyInstanceUID or                reject   dicom_missing_uid
+SeriesInstanceUID absent or empty
+one of those four or a meta UID not PS3.5 9.1 (digits and       reject   dicom_invalid_uid
+dots, <= 64 chars, no empty or leading-zero component, one
+value)
+MediaStorageSOPInstanceUID != SOPInstanceUID, or                reject   dicom_meta_mismatch
 MediaStorageSOPClassUID != SOPClassUID
-PatientID absent or empty (an instance must belong to a patient)     reject     ``dicom_missing_patient_id``
-Pixel Data present but Rows/Columns/BitsAllocated/SamplesPerPixel/     reject     ``dicom_pixel_attrs``
-NumberOfFrames/PhotometricInterpretation (native) missing or invalid
-native Pixel Data length != Rows*Columns*SamplesPerPixel*             reject     ``dicom_pixel_length``
-(BitsAllocated/8)*NumberOfFrames (+1 pad byte to even length allowed;
-BitsAllocated 1 counted in bits, YBR_*_422 at 2 samples per pixel);
-excess padding is rejected too
-native syntax with undefined-length Pixel Data, encapsulated syntax   reject     ``dicom_pixel_encoding``
-with defined-length top-level Pixel Data, encapsulated Pixel Data
-with no fragment after the offset table or (non-video syntaxes)
-fewer fragments than frames
-odd value lengths, non-zero reserved bytes in explicit VR headers      accept     (tolerated; not a parse defect)
-====================================================================  =========  ===============================
+PatientID absent or empty (an instance must belong to a         reject   dicom_missing_patient_id
+patient)
+SOP class is an '... Image Storage' but no Pixel Data (Type 1;  reject   dicom_missing_pixel_data
+also what a file cut at an element boundary looks like)
+Pixel Data but Rows, Columns, SamplesPerPixel, BitsAllocated,   reject   dicom_pixel_attrs
+NumberOfFrames or (native) PhotometricInterpretation missing
+or invalid
+native Pixel Data length != Rows x Columns x SamplesPerPixel x  reject   dicom_pixel_length
+BitsAllocated/8 x NumberOfFrames; one pad byte to even length
+allowed; BitsAllocated 1 counted in bits; YBR_*_422 at 2
+samples a pixel; excess padding rejected too
+undefined-length Pixel Data in a native syntax, defined-length  reject   dicom_pixel_encoding
+top-level Pixel Data in an encapsulated one, no fragment after
+the offset table, or fewer fragments than frames (non-video
+syntaxes)
+odd value lengths, non-zero reserved bytes in explicit VR       accept   (tolerated: framing intact)
+headers
+==============================================================  =======  ===================================
 
 Character sets: pydicom decodes text with (0008,0005) Specific Character Set; this module checks
 every term of it (top level and in every sequence item) against pydicom's table of defined
@@ -725,9 +737,7 @@ _NATIVE_PIXEL_TAGS: Final = (
 _JPIP_REFERENCED: Final = frozenset({"1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95"})
 
 
-def _check_pixels(
-    ds: FileDataset, ts: pydicom.uid.UID, sop_class: str, pixel: _PixelInfo | None
-) -> None:
+def _check_pixels(ds: FileDataset, ts: pydicom.uid.UID, sop_class: str, pixel: _PixelInfo | None) -> None:
     present = [(kw, bits) for kw, bits in _NATIVE_PIXEL_TAGS if kw in ds]
     if not present:
         # Image IODs have Pixel Data as Type 1; its absence is also what a file cut at an

@@ -114,9 +114,9 @@ class AuditEvent:
 
 def canonical_bytes(event: AuditEvent) -> bytes:
     """The canonical encoding (version 1) of ``event``; see the module docstring."""
-    return json.dumps(
-        event.to_dict(), ensure_ascii=False, separators=(",", ":"), sort_keys=True
-    ).encode("utf-8")
+    return json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode(
+        "utf-8"
+    )
 
 
 def leaf_hash(event: AuditEvent) -> bytes:

@@ -144,7 +144,10 @@ class Gateway:
             "service": "medledger-gateway",
             "chain_id": self.devnet.chain_id,
             "contracts": self.devnet.contracts,
-            "gateway": {"address": self.chain.account.address if self.chain.account else "", "member_id": self.member_id},
+            "gateway": {
+                "address": self.chain.account.address if self.chain.account else "",
+                "member_id": self.member_id,
+            },
             "request_signing": {
                 "scheme": "EIP-712",
                 "domain": {
@@ -156,7 +159,10 @@ class Gateway:
                 "max_skew_seconds": MAX_SKEW_S,
             },
             "purposes": {code: {"bit": bit, "display": d} for code, (bit, d) in PURPOSES.items()},
-            "consent_index": {"max_staleness_seconds": self.config.max_staleness, "poll_interval_seconds": self.config.poll_interval},
+            "consent_index": {
+                "max_staleness_seconds": self.config.max_staleness,
+                "poll_interval_seconds": self.config.poll_interval,
+            },
         }
 
     # ---- audit -------------------------------------------------------------------------
@@ -216,7 +222,9 @@ class Gateway:
 
     def patient_caller(self, signer: str, patient_ref: str) -> Caller:
         if not self.index.can_act_for(patient_ref, signer):
-            raise Forbidden("the signing key is not this patient's enrolled key or delegate", code="not_patient")
+            raise Forbidden(
+                "the signing key is not this patient's enrolled key or delegate", code="not_patient"
+            )
         return Caller(key=signer, kind="patient", actor=patient_ref, role="patient")
 
     # ---- upload (STOW-RS) ----------------------------------------------------------------
@@ -238,12 +246,17 @@ class Gateway:
     def _uids_for_failure(data: bytes) -> dict[str, str]:
         # Best effort, for the Failed SOP Sequence only: never used to store anything.
         try:
-            import pydicom
-
             from io import BytesIO
 
-            ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
-            return {"sop_class_uid": str(ds.get("SOPClassUID", "")), "sop_instance_uid": str(ds.get("SOPInstanceUID", ""))}
+            import pydicom
+
+            ds = pydicom.dcmread(
+                BytesIO(data), stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
+            )
+            return {
+                "sop_class_uid": str(ds.get("SOPClassUID", "")),
+                "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
+            }
         except Exception:
             return {"sop_class_uid": "", "sop_instance_uid": ""}
 
@@ -261,14 +274,19 @@ class Gateway:
             if existing.sha256 == inst.sha256:
                 self.record(ctx, Outcome.OK, reason="already_stored")
                 return self._stored_item(existing)
-            raise Conflict("a different object with this SOP Instance UID is already stored", code="sop_instance_conflict")
+            raise Conflict(
+                "a different object with this SOP Instance UID is already stored",
+                code="sop_instance_conflict",
+            )
         study_rows = self.catalog.study_instances(inst.study_instance_uid)
         if study_rows and study_rows[0].custodian != caller.actor:
             raise Forbidden("this study is held by another institution", code="not_custodian")
         patient_ref, _ = self.catalog.patient_ref_for(lookup, existing_ref or new_patient_ref())
         ctx.patient_ref = patient_ref
         if study_rows and study_rows[0].patient_ref != patient_ref:
-            raise InvalidInput("the instance's patient differs from its study's patient", code="patient_mismatch")
+            raise InvalidInput(
+                "the instance's patient differs from its study's patient", code="patient_mismatch"
+            )
         aad = _b32(ctx.object_ref)
         data_key = new_data_key()
         cipher = await asyncio.to_thread(encrypt_bytes, data, data_key, aad)
@@ -334,7 +352,9 @@ class Gateway:
         """Decide a read; returns the audit fields of the VIEW. Raises ConsentDenied."""
         ctx.patient_ref, ctx.study_ref, ctx.object_ref = row.patient_ref, row.study_ref, row.object_ref
         if not purpose:
-            raise InvalidInput("a purpose of use is required (X-MedLedger-Purpose header)", code="missing_purpose")
+            raise InvalidInput(
+                "a purpose of use is required (X-MedLedger-Purpose header)", code="missing_purpose"
+            )
         purpose_bit(purpose)
         ctx.purpose = purpose
         if caller.actor == row.custodian:
@@ -344,7 +364,10 @@ class Gateway:
                 raise ConsentDenied("break-glass access is only for purpose ETREAT", code="wrong_purpose")
             text = justification.strip()
             if len(text) < 10:
-                raise InvalidInput("a break-glass read needs a written justification (10+ characters)", code="missing_justification")
+                raise InvalidInput(
+                    "a break-glass read needs a written justification (10+ characters)",
+                    code="missing_justification",
+                )
             salt = secrets.token_hex(16)
             commitment = "0x" + hashlib.sha256(bytes.fromhex(salt) + text.encode()).hexdigest()
             self.catalog.add_justification(commitment, salt, text)
@@ -367,7 +390,11 @@ class Gateway:
 
     def find_instance(self, study_uid: str, series_uid: str | None, sop_uid: str) -> StoredInstance:
         row = self.catalog.instance(sop_uid)
-        if row is None or row.study_instance_uid != study_uid or (series_uid and row.series_instance_uid != series_uid):
+        if (
+            row is None
+            or row.study_instance_uid != study_uid
+            or (series_uid and row.series_instance_uid != series_uid)
+        ):
             raise UnknownInstance("no such instance in this study/series")
         return row
 
@@ -378,7 +405,12 @@ class Gateway:
         return rows
 
     async def retrieve(
-        self, caller: Caller, ctx: RequestContext, rows: list[StoredInstance], purpose: str, justification: str | None
+        self,
+        caller: Caller,
+        ctx: RequestContext,
+        rows: list[StoredInstance],
+        purpose: str,
+        justification: str | None,
     ) -> list[bytes]:
         ctx.action = Action.VIEW
         grants = [self.authorize_read(caller, ctx, r, purpose, justification) for r in rows[:1]]
@@ -402,14 +434,28 @@ class Gateway:
         self.record(ctx, Outcome.OK)
         return ref
 
-    def enroll(self, caller: Caller, ctx: RequestContext, patient_ref: str, patient_key: str, deadline: int, signature: str) -> dict[str, Any]:
+    def enroll(
+        self,
+        caller: Caller,
+        ctx: RequestContext,
+        patient_ref: str,
+        patient_key: str,
+        deadline: int,
+        signature: str,
+    ) -> dict[str, Any]:
         ctx.action, ctx.patient_ref = Action.ENROLL, patient_ref
         if not self.catalog.patient_exists(patient_ref):
             raise UnknownPatient("no such patient")
-        receipt = self.chain.transact("Consent", "enroll", _b32(patient_ref), patient_key, deadline, _b32(signature))
+        receipt = self.chain.transact(
+            "Consent", "enroll", _b32(patient_ref), patient_key, deadline, _b32(signature)
+        )
         self.index.apply_receipt(receipt)
         self.record(ctx, Outcome.OK)
-        return {"patient_ref": patient_ref, "patient_key": patient_key, "tx": receipt["transactionHash"].to_0x_hex()}
+        return {
+            "patient_ref": patient_ref,
+            "patient_key": patient_key,
+            "tx": receipt["transactionHash"].to_0x_hex(),
+        }
 
     def patient_info(self, caller: Caller, ctx: RequestContext, patient_ref: str) -> dict[str, Any]:
         ctx.action, ctx.patient_ref = Action.QUERY, patient_ref
@@ -420,7 +466,16 @@ class Gateway:
         studies: dict[str, dict[str, Any]] = {}
         for row in self.catalog.all_instances():
             if row.patient_ref == patient_ref:
-                s = studies.setdefault(row.study_ref, {"study_ref": row.study_ref, "study_instance_uid": row.study_instance_uid, "modalities": set(), "instances": 0, "custodian": row.custodian})
+                s = studies.setdefault(
+                    row.study_ref,
+                    {
+                        "study_ref": row.study_ref,
+                        "study_instance_uid": row.study_instance_uid,
+                        "modalities": set(),
+                        "instances": 0,
+                        "custodian": row.custodian,
+                    },
+                )
                 s["modalities"].add(row.modality)
                 s["instances"] += 1
         consents = [self._consent_json(c) for c in self.index.consents_of(patient_ref)]
@@ -429,7 +484,10 @@ class Gateway:
             "patient_ref": patient_ref,
             "key": p.key,
             "nonce": nonce,
-            "studies": [{**s, "modalities": sorted(s["modalities"]), "custodian_name": self._name(s["custodian"])} for s in studies.values()],
+            "studies": [
+                {**s, "modalities": sorted(s["modalities"]), "custodian_name": self._name(s["custodian"])}
+                for s in studies.values()
+            ],
             "consents": consents,
         }
 
@@ -451,7 +509,9 @@ class Gateway:
         }
 
     # ---- consent -----------------------------------------------------------------------
-    def grant(self, caller: Caller, ctx: RequestContext, grant: dict[str, Any], signature: str) -> dict[str, Any]:
+    def grant(
+        self, caller: Caller, ctx: RequestContext, grant: dict[str, Any], signature: str
+    ) -> dict[str, Any]:
         ctx.action, ctx.patient_ref = Action.CONSENT_GRANT, str(grant["patient_ref"])
         ctx.counterparty = str(grant["grantee"])
         study = str(grant.get("study_ref") or ZERO32)
@@ -472,9 +532,15 @@ class Gateway:
         ev = self.chain.contract("Consent").events.ConsentGranted().process_receipt(receipt)
         consent_id = int(ev[0]["args"]["consentId"])
         self.record(ctx, Outcome.OK, consent_id=str(consent_id), consent_version=1)
-        return {"consent_id": consent_id, "tx": receipt["transactionHash"].to_0x_hex(), "purposes": purposes_of(mask)}
+        return {
+            "consent_id": consent_id,
+            "tx": receipt["transactionHash"].to_0x_hex(),
+            "purposes": purposes_of(mask),
+        }
 
-    def revoke(self, caller: Caller, ctx: RequestContext, consent_id: int, nonce: int, signature: str) -> dict[str, Any]:
+    def revoke(
+        self, caller: Caller, ctx: RequestContext, consent_id: int, nonce: int, signature: str
+    ) -> dict[str, Any]:
         ctx.action = Action.CONSENT_REVOKE
         c = self.index.consents.get(consent_id)
         if c is None:
@@ -486,7 +552,9 @@ class Gateway:
         return {"consent_id": consent_id, "revoked": True, "tx": receipt["transactionHash"].to_0x_hex()}
 
     # ---- share ---------------------------------------------------------------------------
-    def share(self, caller: Caller, ctx: RequestContext, study_uid: str, to_member: str, purpose: str) -> dict[str, Any]:
+    def share(
+        self, caller: Caller, ctx: RequestContext, study_uid: str, to_member: str, purpose: str
+    ) -> dict[str, Any]:
         ctx.action = Action.SHARE
         rows = self.find_study(study_uid)
         row = rows[0]
@@ -499,12 +567,26 @@ class Gateway:
         if caller.actor != row.custodian:
             mine = self.index.decide(row.patient_ref, caller.actor, row.study_ref, purpose)
             if not mine.allowed:
-                raise ConsentDenied("you may only share studies you hold or are permitted to read", code=mine.reason)
+                raise ConsentDenied(
+                    "you may only share studies you hold or are permitted to read", code=mine.reason
+                )
         decision = self.index.decide(row.patient_ref, to_member, row.study_ref, purpose)
         if not decision.allowed or decision.consent is None:
-            raise ConsentDenied("the patient has not consented to the recipient for this purpose", code=decision.reason)
-        self.record(ctx, Outcome.OK, consent_id=str(decision.consent.consent_id), consent_version=decision.consent.version)
-        return {"shared": True, "study_ref": row.study_ref, "recipient": to_member, "consent_id": decision.consent.consent_id}
+            raise ConsentDenied(
+                "the patient has not consented to the recipient for this purpose", code=decision.reason
+            )
+        self.record(
+            ctx,
+            Outcome.OK,
+            consent_id=str(decision.consent.consent_id),
+            consent_version=decision.consent.version,
+        )
+        return {
+            "shared": True,
+            "study_ref": row.study_ref,
+            "recipient": to_member,
+            "consent_id": decision.consent.consent_id,
+        }
 
     # ---- history and audit ---------------------------------------------------------------
     def history(self, caller: Caller, ctx: RequestContext, patient_ref: str) -> dict[str, Any]:
@@ -523,7 +605,9 @@ class Gateway:
                 ok = verify_inclusion(leaf_hash(ev), ev.seq, head.tree_size, path, head.root)
                 proof_status = "included" if ok else "proof_failed"
                 proof = ["0x" + p.hex() for p in path]
-            elif any(a.status == "confirmed" and a.kind == "event" and a.tree_size == ev.seq + 1 for a in anchors):
+            elif any(
+                a.status == "confirmed" and a.kind == "event" and a.tree_size == ev.seq + 1 for a in anchors
+            ):
                 proof_status = "included"
             entries.append(
                 {
@@ -539,11 +623,19 @@ class Gateway:
                     "break_glass": ev.break_glass,
                     "consent_id": ev.consent_id,
                     "study_ref": ev.study_ref,
-                    "proof": {"status": proof_status, "tree_size": head.tree_size if head else 0, "path": proof},
+                    "proof": {
+                        "status": proof_status,
+                        "tree_size": head.tree_size if head else 0,
+                        "path": proof,
+                    },
                 }
             )
         self.record(ctx, Outcome.OK)
-        return {"patient_ref": patient_ref, "events": entries, "tree_head": {"tree_size": head.tree_size, "root": "0x" + head.root.hex()} if head else None}
+        return {
+            "patient_ref": patient_ref,
+            "events": entries,
+            "tree_head": {"tree_size": head.tree_size, "root": "0x" + head.root.hex()} if head else None,
+        }
 
     def verify(self, caller: Caller, ctx: RequestContext) -> Report:
         ctx.action = Action.VERIFY
@@ -577,7 +669,9 @@ class Gateway:
         action = actions.get(str(body.get("action")))
         role = ROLE_IDS.get(str(body.get("role", "none")))
         if action is None or role is None:
-            raise InvalidInput("action must be one of add, remove, change_role, rotate_key, set_threshold; role a known role")
+            raise InvalidInput(
+                "action must be one of add, remove, change_role, rotate_key, set_threshold; role a known role"
+            )
         ctx.counterparty = str(body["member_id"])
         receipt = self.chain.transact(
             "Membership",
@@ -599,7 +693,9 @@ class Gateway:
         self.record(ctx, Outcome.OK)
         return {"proposal_id": pid, "executed": executed}
 
-    def approve(self, caller: Caller, ctx: RequestContext, proposal_id: int, signature: str) -> dict[str, Any]:
+    def approve(
+        self, caller: Caller, ctx: RequestContext, proposal_id: int, signature: str
+    ) -> dict[str, Any]:
         ctx.action = Action.GOVERNANCE
         receipt = self.chain.transact("Membership", "approve", proposal_id, _b32(signature))
         self.index.apply_receipt(receipt)

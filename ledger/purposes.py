@@ -36,7 +36,9 @@ def purpose_bit(code: str) -> int:
     try:
         return PURPOSES[code][0]
     except KeyError:
-        raise InvalidInput(f"unknown purpose of use {code!r}; expected one of {', '.join(PURPOSES)}") from None
+        raise InvalidInput(
+            f"unknown purpose of use {code!r}; expected one of {', '.join(PURPOSES)}"
+        ) from None
 
 
 def purposes_mask(codes: list[str] | tuple[str, ...] | set[str]) -> int:

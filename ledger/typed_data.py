@@ -79,9 +79,16 @@ def _b32(value: str | bytes) -> bytes:
     return raw
 
 
-def typed_message(primary: str, message: dict[str, Any], chain_id: int, contracts: dict[str, str]) -> dict[str, Any]:
+def typed_message(
+    primary: str, message: dict[str, Any], chain_id: int, contracts: dict[str, str]
+) -> dict[str, Any]:
     contract = PRIMARY_CONTRACT[primary]
-    msg = {k: (_b32(v) if t["type"] == "bytes32" else v) for t in TYPES[primary] for k, v in message.items() if k == t["name"]}
+    msg = {
+        k: (_b32(v) if t["type"] == "bytes32" else v)
+        for t in TYPES[primary]
+        for k, v in message.items()
+        if k == t["name"]
+    }
     missing = {t["name"] for t in TYPES[primary]} - set(msg)
     if missing:
         raise ValueError(f"{primary} message is missing {sorted(missing)}")
@@ -98,7 +105,9 @@ def typed_message(primary: str, message: dict[str, Any], chain_id: int, contract
     }
 
 
-def sign_typed(private_key: bytes | str, primary: str, message: dict[str, Any], chain_id: int, contracts: dict[str, str]) -> str:
+def sign_typed(
+    private_key: bytes | str, primary: str, message: dict[str, Any], chain_id: int, contracts: dict[str, str]
+) -> str:
     """0x-hex 65-byte signature of the EIP-712 message."""
     signable = encode_typed_data(full_message=typed_message(primary, message, chain_id, contracts))
     signed = Account.sign_message(signable, private_key=private_key)

@@ -105,7 +105,9 @@ def verify_log(
     prev_size = 0
     for a in anchors:
         if a.first_seq != prev_size:
-            problem("anchor_sequence", a.first_seq, f"anchor {a.index} starts at {a.first_seq}, not {prev_size}")
+            problem(
+                "anchor_sequence", a.first_seq, f"anchor {a.index} starts at {a.first_seq}, not {prev_size}"
+            )
         if a.tree_size > len(leaves):
             problem(
                 "missing_events",
@@ -146,7 +148,9 @@ def verify_log(
         if not ev.consent_id:
             if ev.actor in custodians.get(ev.study_ref, set()):
                 continue
-            problem("view_without_consent", ev.seq, "a VIEW names no consent and the reader is not the custodian")
+            problem(
+                "view_without_consent", ev.seq, "a VIEW names no consent and the reader is not the custodian"
+            )
             continue
         c = consents.get(int(ev.consent_id))
         t = ev.time_ms // 1000
@@ -154,14 +158,18 @@ def verify_log(
             problem("view_without_consent", ev.seq, f"consent {ev.consent_id} does not exist on-chain")
             continue
         if c.patient_ref != ev.patient_ref or c.grantee != ev.actor:
-            problem("consent_not_in_force", ev.seq, f"consent {c.consent_id} is for another patient or grantee")
+            problem(
+                "consent_not_in_force", ev.seq, f"consent {c.consent_id} is for another patient or grantee"
+            )
             continue
         if c.study_ref not in (ZERO32, ev.study_ref):
             problem("consent_not_in_force", ev.seq, f"consent {c.consent_id} covers another study")
             continue
         bit = PURPOSES.get(ev.purpose, (-1, ""))[0]
         if bit < 0 or not (c.purposes >> bit & 1):
-            problem("consent_not_in_force", ev.seq, f"consent {c.consent_id} does not cover purpose {ev.purpose}")
+            problem(
+                "consent_not_in_force", ev.seq, f"consent {c.consent_id} does not cover purpose {ev.purpose}"
+            )
             continue
         if c.granted_at > t + CLOCK_TOLERANCE_S:
             problem(

@@ -225,7 +225,7 @@ _MEASURE_RE = re.compile(r"^\d{1,3}(?:[.,]\d{1,3})?(?:MM|CM|ML|MG|KV|KVP|MAS|MS|
 def clean_text(value: str, identifiers: Iterable[str] = (), max_len: int | None = None) -> str:
     """Clean Descriptors: keep only vocabulary words and short numbers/measurements.
 
-    The result is known to contain nothing but words of ``descriptor_vocabulary.txt``
+    The result is known to contain nothing but words of ``descriptor_vocabulary.tsv``
     and numbers of at most 3 digits (plus a unit), so IDs, dates and names cannot
     survive; ``identifiers`` are dropped even if they happen to be vocabulary words.
     """

@@ -30,7 +30,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 TABLE_PATH = HERE / "table_e1_1.tsv"
 SAFE_PRIVATE_PATH = HERE / "safe_private.tsv"
-VOCABULARY_PATH = HERE / "descriptor_vocabulary.txt"
+VOCABULARY_PATH = HERE / "descriptor_vocabulary.tsv"
 
 #: Number of rows of Table E.1-1 in the shipped edition.
 EXPECTED_ROW_COUNT = 647

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from kubo_fixture are "redefined" as test arguments)
 """KuboClient and KuboNode against a real Kubo v0.43.1 daemon (no mocks)."""
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import pytest
 from devnet.kubo import KUBO_VERSION, KuboNode
 from ledger.errors import CorruptObject, NotFound, StoreUnavailable
 from ledger.ipfs import KuboClient, KuboNotFound
-from tests.integration.kubo_fixture import kubo_api, running_kubo  # noqa: F401
+from tests.integration.kubo_fixture import running_kubo
 
 pytestmark = pytest.mark.integration
 
