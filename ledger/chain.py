@@ -29,6 +29,47 @@ from ledger.errors import ChainError
 
 CONTRACT_NAMES = ("Membership", "Consent", "AccessLedger")
 
+# A contract's refusal of a relayed, signed message is the caller's error, not the gateway's:
+# custom error name -> HTTP status of the refusal. Anything unlisted stays a 502.
+CONTRACT_ERROR_STATUS: dict[str, int] = {
+    **dict.fromkeys(("NotAnAdmin", "NotAHospital", "NotPatientOrDelegate", "NotAGateway"), 403),
+    **dict.fromkeys(
+        (
+            "BadNonce",
+            "AlreadyApproved",
+            "AlreadyRevoked",
+            "PatientAlreadyEnrolled",
+            "MemberExists",
+            "KeyInUse",
+            "ProposalAlreadyExecuted",
+            "TreeNotGrowing",
+            "OutOfSequence",
+        ),
+        409,
+    ),
+    **dict.fromkeys(
+        (
+            "SignatureExpired",
+            "ProposalExpired",
+            "InvalidWindow",
+            "NoPurposes",
+            "InvalidKey",
+            "InvalidRole",
+            "InvalidThreshold",
+            "UnknownMember",
+            "UnknownProposal",
+            "UnknownConsent",
+            "NotAGrantee",
+            "PatientNotEnrolled",
+            "LengthMismatch",
+            "ECDSAInvalidSignature",
+            "ECDSAInvalidSignatureLength",
+            "ECDSAInvalidSignatureS",
+        ),
+        400,
+    ),
+}
+
 
 def _abi_type(inp: dict[str, Any]) -> str:
     t = str(inp["type"])
@@ -158,6 +199,7 @@ class ChainClient:
             detail = ", ".join(f"{k}={v}" for k, v in args.items())
             err = ChainError(f"contract refused: {name}({detail})", code=f"chain:{name}")
             err.contract_error = name  # type: ignore[attr-defined]
+            err.http_status = CONTRACT_ERROR_STATUS.get(name, 502)
             return err
         return ChainError(f"chain call failed: {type(exc).__name__}: {exc}")
 

@@ -292,14 +292,14 @@ class ChainIndex:
             if c.allows(grantee, study_ref, purpose, when):
                 return ConsentDecision(True, "", c)
         bit = purpose_bit(purpose)
-        same_study = [c for c in mine if c.study_ref in (ZERO32, study_ref)]
-        same_purpose = [c for c in same_study if c.purposes >> bit & 1]
-        if any(c.revoked_at is not None and c.revoked_at <= when for c in same_purpose):
+        with_purpose = [c for c in mine if c.purposes >> bit & 1]
+        exact = [c for c in with_purpose if c.study_ref in (ZERO32, study_ref)]
+        if any(c.revoked_at is not None and c.revoked_at <= when for c in exact):
             return ConsentDecision(False, "consent_revoked", None)
-        if same_purpose:
+        if exact:
             return ConsentDecision(False, "consent_expired", None)
-        if same_study:
-            return ConsentDecision(False, "wrong_purpose", None)
-        if mine:
+        if with_purpose:
             return ConsentDecision(False, "wrong_study", None)
+        if any(c.study_ref in (ZERO32, study_ref) for c in mine):
+            return ConsentDecision(False, "wrong_purpose", None)
         return ConsentDecision(False, "no_consent", None)

@@ -65,8 +65,11 @@ _MAX_PADDING: Final = 1024
 # ---- Content-Type (RFC 9110 8.3 / RFC 2045 5.1) -----------------------------------------
 _TCHARS: Final = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _MEDIA_TYPE_RE: Final = re.compile(rf"[ \t]*({_TCHARS})/({_TCHARS})[ \t]*")
+# Unquoted values: a token, leniently extended with the other RFC 2046 bchars except space
+# ("/", ":", "=", "?", "(", ")", ","), since clients send type=application/dicom unquoted.
+_UNQUOTED: Final = r"[!#$%&'*+\-.^_`|~0-9A-Za-z/:=?(),]+"
 _PARAM_RE: Final = re.compile(
-    rf"[ \t]*({_TCHARS})[ \t]*=[ \t]*(?:({_TCHARS})|\"((?:[^\"\\\x00-\x08\x0a-\x1f\x7f]|\\[\t\x20-\x7e\x80-\xff])*)\")[ \t]*"
+    rf"[ \t]*({_TCHARS})[ \t]*=[ \t]*(?:({_UNQUOTED})|\"((?:[^\"\\\x00-\x08\x0a-\x1f\x7f]|\\[\t\x20-\x7e\x80-\xff])*)\")[ \t]*"
 )
 _QUOTED_PAIR_RE: Final = re.compile(r"\\(.)")
 # RFC 2046 5.1.1: bchars := bcharsnospace / " "

@@ -260,7 +260,7 @@ def test_audit_verifies_and_detects_a_changed_record(actors: Actors, stack) -> N
     db_path = stack.workdir / "gateway" / "audit.sqlite"
     db = sqlite3.connect(str(db_path))
     seq, body = db.execute(
-        "SELECT seq, body FROM events WHERE body LIKE '%\"denied\"%' ORDER BY seq LIMIT 1"
+        "SELECT seq, body FROM events WHERE CAST(body AS TEXT) LIKE '%\"denied\"%' ORDER BY seq LIMIT 1"
     ).fetchone()
     triggers = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='trigger'")]
     for t in triggers:
