@@ -18,8 +18,9 @@ ends the data set early, a duplicate tag, an explicit-VR file that is really imp
    deflated data set is inflated first (bounded, so a deflate bomb cannot exhaust memory).
 2. pydicom (``dcmread`` with ``force=False``, so a forced read is impossible) decodes the data
    set; every element, including those in nested sequences, is converted and every person
-   name decoded, with pydicom warnings escalated to errors (``warnings.simplefilter("error")``)
-   except the per-value VR validation warnings listed below. Then the semantic checks run.
+   name decoded, with pydicom's warnings escalated to errors (``warnings.catch_warnings`` with
+   an ``"error"`` filter scoped to pydicom's modules) except the two tolerated kinds listed
+   below. Then the semantic checks run.
 
 Outcome table (defect -> outcome -> reason code, the ``code`` of the raised error; every
 reject is :class:`~ledger.errors.NotDicom` unless noted):
@@ -106,11 +107,14 @@ that logger by this module strips the quoted value from those records.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
+import os
 import re
 import struct
+import threading
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -254,20 +258,27 @@ def _reject(code: str, message: str) -> NotDicom:
 
 
 # ---- PHI-safe pydicom logging -------------------------------------------------------------
-_VALUE_WARNING = re.compile(r"^Invalid value for VR (?P<vr>[A-Z]{2})\b")
+# pydicom's per-value checks (pydicom.valuerep) quote the offending value, e.g.
+# "Invalid value for VR LO: '<value>'" or 'Value "<value>" is not valid for ... VR of IS'.
+_QUOTES_VALUE = re.compile(r"Invalid value for VR|is not valid for elements with a VR")
+_VR_IN_MESSAGE = re.compile(r"\bVR (?:of )?(?P<vr>[A-Z]{2})\b")
+
+
+def _vr_of(message: str) -> str:
+    m = _VR_IN_MESSAGE.search(message)
+    return m.group("vr") if m else "??"
 
 
 class _RedactPydicomValues(logging.Filter):
-    """Strip the quoted value from pydicom's "Invalid value for VR XX: '<value>'" records."""
+    """Replace pydicom value-check log records that quote a value by a PHI-free one."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             text = record.getMessage()
         except Exception:  # a malformed record is not ours to judge
             return True
-        m = _VALUE_WARNING.match(text)
-        if m is not None:
-            record.msg = f"Invalid value for VR {m.group('vr')} (value redacted)"
+        if _QUOTES_VALUE.search(text):
+            record.msg = f"Invalid value for VR {_vr_of(text)} (value redacted)"
             record.args = None
         return True
 
@@ -616,27 +627,45 @@ def _check_charsets(ds: Dataset) -> None:
             )
 
 
-def _decode_all(ds: FileDataset) -> list[str]:
-    """Convert every element (nested too) and decode every person name. Returns the VRs of
-    tolerated per-value warnings; any other pydicom warning raises (filter "error")."""
-    seen: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("error")
-        # per-value VR checks (a bad IS/DS string, a UID with a leading zero in a reference):
-        # tolerated and recorded; the key attributes are validated separately below.
-        warnings.filterwarnings("always", message=r"Invalid value for VR", category=UserWarning)
-        # implicit VR, an even-group tag missing from pydicom's dictionary (e.g. newer than
-        # it): read as UN, kept as opaque bytes; its framing was checked by the walk.
-        warnings.filterwarnings("always", message=r"VR lookup failed", category=UserWarning)
-        for elem in ds.file_meta:
-            _touch(elem)
-        _check_charsets(ds)
-        for elem in ds.iterall():
-            _touch(elem)
-    for w in caught:
-        m = _VALUE_WARNING.match(str(w.message))
-        seen.append(m.group("vr") if m else "UN")
-    return seen
+_PYDICOM_DIR: Final = os.path.dirname(os.path.abspath(pydicom.__file__)) + os.sep
+# warnings.catch_warnings swaps process-wide state (the filter list, showwarning): serialise
+# our own uses of it so concurrent parses in a thread pool cannot restore each other's state.
+_WARNINGS_LOCK: Final = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pydicom_warnings() -> Iterator[list[str]]:
+    """pydicom's UserWarnings become errors, except the tolerated ones, whose VRs are
+    collected in the yielded list.
+
+    The "error" filter is scoped to warnings attributed to pydicom's modules (the brief's
+    ``simplefilter("error")``, narrowed so that an unrelated warning raised by another thread
+    during the window is not turned into an exception). Tolerated, recorded: pydicom's
+    per-value VR checks (module ``pydicom.valuerep``: a bad IS/DS string, a too-long value, a
+    reference UID with a leading zero; the key attributes are validated separately) and, in
+    implicit VR, a public tag missing from pydicom's dictionary (read as UN, kept as opaque
+    bytes; its framing was checked by the walk).
+    """
+    vrs: list[str] = []
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("error", category=UserWarning, module=r"pydicom(\.|$)")
+        warnings.filterwarnings("always", category=UserWarning, module=r"pydicom\.valuerep$")
+        warnings.filterwarnings("always", category=UserWarning, message=r"VR lookup failed")
+        yield vrs
+        for w in caught:
+            if not os.path.abspath(w.filename).startswith(_PYDICOM_DIR):
+                continue  # recorded from elsewhere (another thread) while we held the hook
+            text = str(w.message)
+            vrs.append("UN" if text.startswith("VR lookup failed") else _vr_of(text))
+
+
+def _decode_all(ds: FileDataset) -> None:
+    """Convert every element (nested too) and decode every person name."""
+    for elem in ds.file_meta:
+        _touch(elem)
+    _check_charsets(ds)
+    for elem in ds.iterall():
+        _touch(elem)
 
 
 def _touch(elem: DataElement) -> None:
@@ -649,10 +678,9 @@ def _touch(elem: DataElement) -> None:
 
 def _read(data: bytes) -> tuple[FileDataset, list[str]]:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
+        with _pydicom_warnings() as vrs:
             ds = pydicom.dcmread(io.BytesIO(data), force=False)
-        vrs = _decode_all(ds)
+            _decode_all(ds)
     except NotDicom:
         raise
     except Warning as w:
@@ -870,7 +898,7 @@ def parse_instance(
         transfer_syntax_uid=str(ts),
         patient_id=patient_id,
         issuer_of_patient_id=_text(ds, "IssuerOfPatientID").strip(),
-        patient_name=str(ds.PatientName) if "PatientName" in ds else "",
+        patient_name=_text(ds, "PatientName"),  # str(PersonName), decoded per the charset
         modality=_text(ds, "Modality").strip(),
         study_date=_text(ds, "StudyDate").strip(),
         study_description=_text(ds, "StudyDescription").strip(),
