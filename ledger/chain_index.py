@@ -7,6 +7,11 @@ relays itself at once. Each check first asserts the index is fresh: its last com
 must be no older than `max_staleness` seconds, or the check syncs synchronously, and fails
 closed (503) if the chain cannot be reached. So a decision is made on chain state at most
 `max_staleness` old, and state changes relayed by this gateway are visible immediately.
+
+Every log is applied exactly once and in chain order: syncs are serialized, and a relayed
+receipt is applied by syncing up to (and including) its block, never by applying its logs out
+of order. (Applying a receipt's logs directly let a concurrent poll re-apply an older log over
+them, e.g. re-create a consent just revoked or re-activate a member just removed.)
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class PatientState:
     key: str
     enrolled_by: str
     delegates: dict[str, int] = field(default_factory=dict)  # address -> until (unix s)
+    nonce: int = 0  # the contract's patientNonces: one per grant, revoke, key rotation, delegate
 
 
 @dataclass
@@ -103,6 +109,7 @@ class ChainIndex:
         self.max_staleness = max_staleness
         self._clock = clock
         self._lock = threading.RLock()
+        self._sync_lock = threading.Lock()  # one sync at a time, so logs apply once and in order
         self._next_block = from_block
         self._synced_at = 0.0  # monotonic time of the last completed sync
         self._stop = threading.Event()
@@ -137,21 +144,26 @@ class ChainIndex:
             except Exception as exc:  # keep polling; freshness checks fail closed meanwhile
                 log.warning("chain index sync failed: %s", type(exc).__name__)
 
-    def sync(self) -> None:
-        """Fetch and apply all events up to the current head."""
+    def sync(self, to_block: int | None = None) -> None:
+        """Fetch and apply all events up to the current head (or up to `to_block`)."""
         started = time.monotonic()
         w3 = self.chain.w3
-        head = int(w3.eth.block_number)
-        with self._lock:
+        with self._sync_lock:
+            head = int(w3.eth.block_number) if to_block is None else to_block
             start = self._next_block
-        if head >= start:
-            logs = w3.eth.get_logs({"fromBlock": start, "toBlock": head, "address": self._addresses})
-            with self._lock:
+            if head >= start:
+                logs = w3.eth.get_logs({"fromBlock": start, "toBlock": head, "address": self._addresses})
+                logs = sorted(logs, key=lambda e: (int(e["blockNumber"]), int(e["logIndex"])))
                 for entry in logs:
-                    self._apply_log(entry)
-                self._next_block = max(self._next_block, head + 1)
-        with self._lock:
-            self._synced_at = max(self._synced_at, started)
+                    if int(entry["blockNumber"]) not in self._block_times and self._needs_time(entry):
+                        self._block_time(int(entry["blockNumber"]))  # outside the state lock
+                with self._lock:
+                    for entry in logs:
+                        self._apply_log(entry)
+                    self._next_block = head + 1
+        if to_block is None:
+            with self._lock:
+                self._synced_at = max(self._synced_at, started)
 
     def staleness(self) -> float:
         """Seconds since the start of the last completed sync (an upper bound on state age)."""
@@ -169,11 +181,19 @@ class ChainIndex:
             ) from exc
 
     def apply_receipt(self, receipt: Any) -> None:
-        """Apply the logs of a transaction this gateway relayed, at once."""
-        with self._lock:
-            for entry in receipt["logs"]:
-                if to_checksum_address(entry["address"]) in self._addresses:
-                    self._apply_log(entry)
+        """Make a transaction this gateway relayed visible at once: sync through its block.
+
+        One `eth_getLogs` (on the relaying path, not a read's hot path); logs of earlier blocks
+        not yet polled are applied first, so the state is the chain's state at that block.
+        """
+        block = int(receipt["blockNumber"])
+        if block >= self._next_block:
+            self.sync(to_block=block)
+
+    def _needs_time(self, entry: Any) -> bool:
+        topics = entry["topics"]
+        found = self._events.get(bytes(HexBytes(topics[0]))) if topics else None
+        return found is not None and found[0] == "ConsentGranted"
 
     def _block_time(self, number: int) -> int:
         if number not in self._block_times:
@@ -221,13 +241,17 @@ class ChainIndex:
             ref = _hex(a["patientRef"])
             if ref in self.patients:
                 self.patients[ref].key = to_checksum_address(a["newKey"])
+                self.patients[ref].nonce += 1
         elif name == "DelegateSet":
             ref = _hex(a["patientRef"])
             if ref in self.patients:
                 self.patients[ref].delegates[to_checksum_address(a["delegate"])] = int(a["until"])
+                self.patients[ref].nonce += 1
         elif name == "ConsentGranted":
             cid = int(a["consentId"])
             block = int(entry["blockNumber"])
+            if _hex(a["patientRef"]) in self.patients:
+                self.patients[_hex(a["patientRef"])].nonce += 1
             self.consents[cid] = ConsentState(
                 consent_id=cid,
                 patient_ref=_hex(a["patientRef"]),
@@ -245,6 +269,8 @@ class ChainIndex:
             cid = int(a["consentId"])
             if cid in self.consents:
                 self.consents[cid].revoked_at = int(a["revokedAt"])
+            if _hex(a["patientRef"]) in self.patients:
+                self.patients[_hex(a["patientRef"])].nonce += 1
 
     # ---- queries -----------------------------------------------------------------------
     def member_by_key(self, key: str) -> MemberState | None:
@@ -264,10 +290,18 @@ class ChainIndex:
             return self.patients.get(patient_ref)
 
     def can_act_for(self, patient_ref: str, key: str) -> bool:
+        """The contract's `canActFor`: the patient's current key or a delegate not yet expired."""
         p = self.patient(patient_ref)
         if p is None:
             return False
         return key == p.key or p.delegates.get(key, 0) >= int(self._clock())
+
+    def acts_for_any_patient(self, key: str) -> bool:
+        """Whether `key` is some enrolled patient's key or current delegate."""
+        self.ensure_fresh()
+        now = int(self._clock())
+        with self._lock:
+            return any(p.key == key or p.delegates.get(key, 0) >= now for p in self.patients.values())
 
     def consents_of(self, patient_ref: str) -> list[ConsentState]:
         with self._lock:

@@ -109,6 +109,60 @@ def cmd_deid(args: argparse.Namespace) -> int:
     return 0 if report.written or not report.skipped else 1
 
 
+def cmd_scan_phi(args: argparse.Namespace) -> int:
+    """Scan every block, transaction, log and IPFS block (and the workdir's files) for PHI."""
+    import asyncio
+    import hashlib
+
+    import pydicom
+    from eth_utils import keccak
+
+    from devnet.manager import load
+    from ledger.demo import demo_instances
+    from ledger.phi_scan import scan_chain, scan_files, scan_ipfs
+
+    wd = _workdir(args)
+    net = load(wd)
+    values: set[str] = set(args.value or [])
+    for f in args.dicom or []:
+        ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+        values |= {str(ds.get(k, "")) for k in ("PatientName", "PatientID")}
+    if not args.dicom and not args.value:
+        for _, data, orig in demo_instances():
+            from io import BytesIO
+
+            ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+            values |= {str(ds.PatientName), str(ds.PatientID), *orig.values()}
+    values = {v for v in values if len(v) >= 3}
+    needles: set[bytes] = set()
+    for v in values:
+        b = v.encode()
+        needles |= {
+            b,
+            b.hex().encode(),
+            hashlib.sha256(b).hexdigest().encode(),
+            keccak(b).hex().encode(),
+            hashlib.sha256(b).digest(),
+            keccak(b),
+        }
+    chain_hits, txs, logs = scan_chain(net.rpc_url, sorted(needles))
+    ipfs_hits, blocks = asyncio.run(scan_ipfs(net.ipfs_api, sorted(needles)))
+    file_hits = scan_files(
+        [wd / "chain", wd / "ipfs.log", wd / "gateway" / "service.log", wd / "chain" / "anvil.log"],
+        sorted(needles),
+    )
+    result = {
+        "values_searched": len(values),
+        "needles": len(needles),
+        "transactions_scanned": txs,
+        "logs_scanned": logs,
+        "ipfs_blocks_scanned": blocks,
+        "hits": chain_hits + ipfs_hits + file_hits,
+    }
+    print(json.dumps(result, indent=2))
+    return 0 if not result["hits"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="medledger", description="Consent-mediated DICOM exchange with an on-chain audit trail"
@@ -152,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--rpc", required=True)
     ch.add_argument("--contract", required=True, help="the AccessLedger address")
     a.set_defaults(func=cmd_audit)
+
+    sc = sub.add_parser(
+        "scan-phi", help="scan chain, IPFS and devnet files for patient names/IDs (and plain hashes)"
+    )
+    sc.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
+    sc.add_argument("--dicom", action="append", help="take the names/IDs to look for from these files")
+    sc.add_argument("--value", action="append", help="a value to look for")
+    sc.set_defaults(func=cmd_scan_phi)
 
     de = sub.add_parser("deid", help="de-identify DICOM files (PS3.15 Annex E)")
     de.add_argument("input")

@@ -40,6 +40,8 @@ class Action(StrEnum):
     EXPORT = "EXPORT"
     DEIDENTIFY = "DEIDENTIFY"
     GOVERNANCE = "GOVERNANCE"
+    PATIENT_KEY_ROTATE = "PATIENT_KEY_ROTATE"
+    DELEGATE_SET = "DELEGATE_SET"
     REQUEST = "REQUEST"  # a request refused before its action was known (e.g. bad signature)
 
 
@@ -58,7 +60,7 @@ class EventDraft:
     outcome: str
     actor: str = ""  # institution id (0x + 64 hex) or patientRef; "" when unknown
     actor_key: str = ""  # the signing address (0x + 40 hex), "" when unknown
-    actor_role: str = ""  # hospital | auditor | gateway | admin | patient | ""
+    actor_role: str = ""  # hospital | auditor | gateway | admin | patient | delegate | ""
     reason: str = ""  # a reason code (see ledger.errors codes), "" when ok
     purpose: str = ""  # HL7 PurposeOfUse code, e.g. TREAT, ETREAT
     patient_ref: str = ""  # 0x + 64 hex, random, mapped off-chain

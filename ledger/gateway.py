@@ -225,7 +225,9 @@ class Gateway:
             raise Forbidden(
                 "the signing key is not this patient's enrolled key or delegate", code="not_patient"
             )
-        return Caller(key=signer, kind="patient", actor=patient_ref, role="patient")
+        p = self.index.patient(patient_ref)
+        role = "patient" if p is not None and p.key == signer else "delegate"
+        return Caller(key=signer, kind="patient", actor=patient_ref, role=role)
 
     # ---- upload (STOW-RS) ----------------------------------------------------------------
     async def store_instances(self, caller: Caller, ctx: RequestContext, parts: list[bytes]) -> StowOutcome:
@@ -462,7 +464,7 @@ class Gateway:
         p = self.index.patient(patient_ref)
         if p is None:
             raise UnknownPatient("no such patient")
-        nonce = int(self.chain.contract("Consent").functions.patientNonces(_b32(patient_ref)).call())
+        nonce = p.nonce  # from the index: no chain call per request
         studies: dict[str, dict[str, Any]] = {}
         for row in self.catalog.all_instances():
             if row.patient_ref == patient_ref:
@@ -484,6 +486,7 @@ class Gateway:
             "patient_ref": patient_ref,
             "key": p.key,
             "nonce": nonce,
+            "delegates": {d: until for d, until in p.delegates.items() if until >= int(time.time())},
             "studies": [
                 {**s, "modalities": sorted(s["modalities"]), "custodian_name": self._name(s["custodian"])}
                 for s in studies.values()
@@ -536,6 +539,46 @@ class Gateway:
             "consent_id": consent_id,
             "tx": receipt["transactionHash"].to_0x_hex(),
             "purposes": purposes_of(mask),
+        }
+
+    def rotate_patient_key(
+        self, caller: Caller, ctx: RequestContext, patient_ref: str, new_key: str, nonce: int, signature: str
+    ) -> dict[str, Any]:
+        """Relay the patient's key rotation (signed with the current key); effective at once."""
+        ctx.action, ctx.patient_ref = Action.PATIENT_KEY_ROTATE, patient_ref
+        receipt = self.chain.transact(
+            "Consent", "rotatePatientKey", _b32(patient_ref), new_key, nonce, _b32(signature)
+        )
+        self.index.apply_receipt(receipt)
+        self.record(ctx, Outcome.OK)
+        return {
+            "patient_ref": patient_ref,
+            "patient_key": new_key,
+            "tx": receipt["transactionHash"].to_0x_hex(),
+        }
+
+    def set_delegate(
+        self,
+        caller: Caller,
+        ctx: RequestContext,
+        patient_ref: str,
+        delegate: str,
+        until: int,
+        nonce: int,
+        signature: str,
+    ) -> dict[str, Any]:
+        """Relay the patient's appointment of a delegate until `until` (0 or past: removal)."""
+        ctx.action, ctx.patient_ref = Action.DELEGATE_SET, patient_ref
+        receipt = self.chain.transact(
+            "Consent", "setDelegate", _b32(patient_ref), delegate, until, nonce, _b32(signature)
+        )
+        self.index.apply_receipt(receipt)
+        self.record(ctx, Outcome.OK)
+        return {
+            "patient_ref": patient_ref,
+            "delegate": delegate,
+            "until": until,
+            "tx": receipt["transactionHash"].to_0x_hex(),
         }
 
     def revoke(
@@ -614,7 +657,9 @@ class Gateway:
                     "seq": ev.seq,
                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ev.time_ms / 1000)),
                     "time_ms": ev.time_ms,
-                    "who": self._name(ev.actor) if ev.actor_role != "patient" else "you",
+                    "who": {"patient": "you", "delegate": "your delegate"}.get(
+                        ev.actor_role, self._name(ev.actor)
+                    ),
                     "who_id": ev.actor,
                     "action": ev.action,
                     "purpose": ev.purpose,
@@ -648,9 +693,13 @@ class Gateway:
         consents = read_chain_consents(self.chain, int(self.devnet.data.get("deploy_block", 0)))
         return verify_log(events, anchors, consents)
 
-    def export_events(self, caller: Caller, ctx: RequestContext) -> list[dict[str, Any]]:
+    def export_events(self, caller: Caller, ctx: RequestContext, from_seq: int = 0) -> list[dict[str, Any]]:
         ctx.action = Action.EXPORT
+        if from_seq < 0:
+            raise InvalidInput("from_seq must be a non-negative sequence number")
         self.record(ctx, Outcome.OK)
+        if from_seq:
+            return [ev.to_dict() for ev in self.audit.range(from_seq, max(from_seq, self.audit.size()))]
         return [ev.to_dict() for ev in self.audit.iter_all()]
 
     # ---- governance and directory ---------------------------------------------------------

@@ -11,6 +11,7 @@ sequence number it concerns:
   0..treeSize-1 (every event anchor's leaf equals that event's leaf hash); an edited, deleted,
   inserted or reordered event changes the root of every anchor that covers it;
 - ``missing_events``: an anchor covers events the log does not have (the tail was dropped);
+- ``anchor_without_events``: an anchor none of whose events are in the log;
 - ``unanchored``: events after the last anchor;
 - ``view_without_consent`` / ``consent_not_in_force`` / ``consent_granted_later``: every
   successful VIEW names a consent that, on-chain, granted this actor this study and purpose
@@ -109,12 +110,21 @@ def verify_log(
                 "anchor_sequence", a.first_seq, f"anchor {a.index} starts at {a.first_seq}, not {prev_size}"
             )
         if a.tree_size > len(leaves):
-            problem(
-                "missing_events",
-                len(leaves),
-                f"anchor {a.index} covers {a.tree_size} events but the log has {len(leaves)}",
-            )
-            break
+            if a.first_seq >= len(leaves):
+                problem(
+                    "anchor_without_events",
+                    a.first_seq,
+                    f"anchor {a.index} commits to events {a.first_seq}..{a.tree_size - 1}, none of which "
+                    "are in the log",
+                )
+            else:
+                problem(
+                    "missing_events",
+                    len(leaves),
+                    f"anchor {a.index} covers {a.tree_size} events but the log has {len(leaves)}",
+                )
+            prev_size = a.tree_size
+            continue
         while frontier.size < a.tree_size:
             frontier.append(leaves[frontier.size])
         expected = leaves[a.tree_size - 1] if a.single else frontier.root()
