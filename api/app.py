@@ -8,10 +8,34 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import dicomweb, errors, routes
 from devnet.manager import load
 from ledger.gateway import Gateway, GatewayConfig
+
+
+class RequestIdHeader:
+    """Adds `X-Request-Id` (the audit event's request id) to every response of a signed request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                ctx = (scope.get("state") or {}).get("ctx")
+                headers = list(message.get("headers", []))
+                if ctx is not None and not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    headers.append((b"x-request-id", ctx.request_id.encode()))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def create_app(workdir: Path, config: GatewayConfig | None = None) -> FastAPI:
@@ -35,6 +59,7 @@ def create_app(workdir: Path, config: GatewayConfig | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    app.add_middleware(RequestIdHeader)
 
     @app.get("/health", tags=["service"])
     async def health(request: Request) -> dict[str, Any]:

@@ -7,8 +7,9 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ledger.errors import InvalidInput, MedLedgerError
+from ledger.errors import InvalidInput, MedLedgerError, NotFound
 
 log = logging.getLogger("medledger.api")
 
@@ -42,6 +43,20 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(MedLedgerError)
     async def _domain(request: Request, exc: MedLedgerError) -> JSONResponse:
         return error_response(request, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # No route (404) or method (405): refused before any endpoint ran, recorded all the same.
+        err: MedLedgerError
+        if exc.status_code == 404:
+            err = NotFound("no such endpoint", code="unknown_endpoint")
+        else:
+            err = InvalidInput("this method is not allowed on this endpoint", code="method_not_allowed")
+            err.http_status = exc.status_code
+        response = error_response(request, err)
+        for k, v in (exc.headers or {}).items():
+            response.headers[k] = v
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

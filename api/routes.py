@@ -49,6 +49,19 @@ class GrantBody(BaseModel):
     signature: str = Field(pattern=SIG)
 
 
+class KeyRotationBody(BaseModel):
+    new_key: str = Field(pattern=ADDRESS)
+    nonce: int = Field(ge=0)
+    signature: str = Field(pattern=SIG)
+
+
+class DelegateBody(BaseModel):
+    delegate: str = Field(pattern=ADDRESS)
+    until: int = Field(ge=0, lt=2**64)  # unix seconds; 0 (or any past time) removes the delegate
+    nonce: int = Field(ge=0)
+    signature: str = Field(pattern=SIG)
+
+
 class RevokeBody(BaseModel):
     nonce: int
     signature: str = Field(pattern=SIG)
@@ -140,6 +153,47 @@ async def grant(patient_ref: str, signed: Signed = Depends(patient)) -> dict[str
 
 
 @router.post(
+    "/patients/{patient_ref}/key-rotation",
+    tags=["patients"],
+    summary="Relay the patient's key rotation, signed with the current key",
+)
+async def rotate_key(patient_ref: str, signed: Signed = Depends(patient)) -> dict[str, Any]:
+    from eth_utils import to_checksum_address
+
+    body = parse(KeyRotationBody, signed.body)
+    return await asyncio.to_thread(
+        signed.gateway.rotate_patient_key,
+        _caller(signed),
+        signed.ctx,
+        patient_ref.lower(),
+        to_checksum_address(body.new_key),
+        body.nonce,
+        body.signature,
+    )
+
+
+@router.post(
+    "/patients/{patient_ref}/delegates",
+    tags=["patients"],
+    summary="Relay the patient's appointment (or removal) of a delegate",
+)
+async def set_delegate(patient_ref: str, signed: Signed = Depends(patient)) -> dict[str, Any]:
+    from eth_utils import to_checksum_address
+
+    body = parse(DelegateBody, signed.body)
+    return await asyncio.to_thread(
+        signed.gateway.set_delegate,
+        _caller(signed),
+        signed.ctx,
+        patient_ref.lower(),
+        to_checksum_address(body.delegate),
+        body.until,
+        body.nonce,
+        body.signature,
+    )
+
+
+@router.post(
     "/patients/{patient_ref}/consents/{consent_id}/revoke",
     tags=["consent"],
     summary="Relay a revocation signed by the patient",
@@ -175,14 +229,27 @@ async def verify(signed: Signed = Depends(member("auditor"))) -> JSONResponse:
     return JSONResponse(report.to_dict())
 
 
-@router.get("/audit/events", tags=["audit"], summary="The audit log as JSON lines")
-async def events(signed: Signed = Depends(member("auditor"))) -> Response:
-    rows = await asyncio.to_thread(signed.gateway.export_events, _caller(signed), signed.ctx)
+@router.get(
+    "/audit/events", tags=["audit"], summary="The audit log as JSON lines (from_seq: from that event on)"
+)
+async def events(from_seq: int = 0, signed: Signed = Depends(member("auditor"))) -> Response:
+    rows = await asyncio.to_thread(signed.gateway.export_events, _caller(signed), signed.ctx, from_seq)
     import json
 
     return Response(
         "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), media_type="application/x-ndjson"
     )
+
+
+@router.get(
+    "/audit/export",
+    tags=["audit"],
+    summary="The audit log exported: jsonl (verifiable, with proofs), fhir (R4 AuditEvent NDJSON), "
+    "dicom-xml (DICOM audit messages) or csv",
+)
+async def export(format: str = "jsonl", signed: Signed = Depends(member("auditor"))) -> Response:
+    data, media_type = await asyncio.to_thread(signed.gateway.export, _caller(signed), signed.ctx, format)
+    return Response(data, media_type=media_type)
 
 
 # ---- directory and governance --------------------------------------------------------------------
@@ -193,9 +260,9 @@ async def members(request: Request) -> list[dict[str, Any]]:
     signed = await authenticate(request)
     gw = signed.gateway
     m = gw.index.member_by_key(signed.signer)
-    if m is None and not any(
-        p.key == signed.signer or signed.signer in p.delegates for p in gw.index.patients.values()
-    ):
+    if m is not None:
+        signed.ctx.caller = gw.member_caller(signed.signer, ())
+    elif not gw.index.acts_for_any_patient(signed.signer):  # a patient's key or current delegate
         from ledger.errors import NotAMember
 
         raise NotAMember("only members and enrolled patients may list members")

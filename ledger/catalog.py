@@ -9,10 +9,19 @@ What it holds and why:
   data key wrapped by the key store's KEK. No names or patient IDs are stored.
 - `seen_nonces`: request nonces inside the replay window, so a replayed request is refused
   even across a restart.
+- `qido_attributes`: per stored SOP instance (keyed by its SOP Instance UID, with its
+  patientRef), the QIDO-RS attributes of PS3.18 10.6 taken from the instance at upload
+  (`DicomInstance.qido`, as JSON): these DO include PHI (Patient's Name, Patient ID, birth
+  date, accession number, ...), because QIDO-RS matches on them. They live only here, in the
+  gateway's protected catalog, never on-chain or in IPFS, and are only ever returned to a
+  caller the consent rules let see the study. Erasing a patient deletes them
+  (:meth:`Catalog.erase_patient_attributes`, together with the mapping and the data keys), and
+  removing an instance deletes its row.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -57,6 +66,12 @@ CREATE TABLE IF NOT EXISTS seen_nonces (
     expires_ms INTEGER NOT NULL,
     PRIMARY KEY (signer, nonce)
 );
+CREATE TABLE IF NOT EXISTS qido_attributes (
+    sop_instance_uid TEXT PRIMARY KEY,
+    patient_ref      TEXT NOT NULL,
+    attrs            TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS qido_patient ON qido_attributes(patient_ref);
 CREATE TABLE IF NOT EXISTS justifications (
     commitment TEXT PRIMARY KEY,
     salt       TEXT NOT NULL,
@@ -179,6 +194,26 @@ class Catalog:
     def remove_instance(self, sop_instance_uid: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
+            db.execute("DELETE FROM qido_attributes WHERE sop_instance_uid=?", (sop_instance_uid,))
+
+    # ---- QIDO-RS attributes (PHI; see the module docstring) -----------------------------
+    def put_qido(self, sop_instance_uid: str, patient_ref: str, attrs: dict[str, str]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO qido_attributes(sop_instance_uid, patient_ref, attrs) VALUES (?,?,?)",
+                (sop_instance_uid, patient_ref, json.dumps(attrs, ensure_ascii=False, sort_keys=True)),
+            )
+
+    def all_qido(self) -> dict[str, dict[str, str]]:
+        with self._lock:
+            rows = self._db.execute("SELECT sop_instance_uid, attrs FROM qido_attributes").fetchall()
+        return {str(r[0]): dict(json.loads(r[1])) for r in rows}
+
+    def erase_patient_attributes(self, patient_ref: str) -> int:
+        """Delete every stored QIDO attribute row of a patient (part of erasure); returns the count."""
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM qido_attributes WHERE patient_ref=?", (patient_ref,))
+            return int(cur.rowcount)
 
     # ---- replay protection -------------------------------------------------------------
     def use_nonce(self, signer: str, nonce: str, expires_ms: int) -> bool:

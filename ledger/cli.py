@@ -70,6 +70,29 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return audit_cli.run(args)
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    from ledger.history_cli import run
+
+    return run(args)
+
+
+def cmd_edge(args: argparse.Namespace) -> int:
+    from ledger.edge import run_edge
+
+    run_edge(
+        args.gateway,
+        args.key,
+        listen=args.listen,
+        purpose=args.purpose,
+        dimse_config=args.dimse_config,
+        dimse_port=args.dimse_port,
+        dimse_host=args.dimse_host,
+        allow_remote=args.allow_remote,
+        say=lambda msg: print(msg, flush=True),
+    )
+    return 0
+
+
 def cmd_deid(args: argparse.Namespace) -> int:
     from ledger.deid import DeidContext, DeidError, DeidOption, deidentify_file, deidentify_tree
 
@@ -189,9 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("audit", help="export and verify the audit log")
     asub = a.add_subparsers(dest="audit_command", required=True)
-    ex = asub.add_parser("export", help="write the log with proofs as JSON lines")
+    ex = asub.add_parser("export", help="write the log with proofs as JSON lines (or FHIR, DICOM, CSV)")
     ex.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
     ex.add_argument("--out", required=True)
+    ex.add_argument(
+        "--format",
+        choices=["jsonl", "fhir", "dicom-xml", "csv"],
+        default="jsonl",
+        help="jsonl: verifiable, with proofs; fhir: FHIR R4 AuditEvent NDJSON; dicom-xml: DICOM audit messages",
+    )
+    ex.add_argument("--all", action="store_true", help="jsonl: include events not yet anchored")
     ve = asub.add_parser("verify", help="check an exported log against the chain alone")
     ve.add_argument("--events", required=True)
     ve.add_argument("--rpc", required=True)
@@ -205,7 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("proof", help="a file written by `audit prove`")
     ch.add_argument("--rpc", required=True)
     ch.add_argument("--contract", required=True, help="the AccessLedger address")
+    ch.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_audit)
+
+    hi = sub.add_parser("history", help="a patient's access history (who viewed my images, when, why)")
+    hi.add_argument("--gateway", required=True, help="the gateway URL")
+    hi.add_argument("--key", required=True, help="the patient's (or delegate's) key file")
+    hi.add_argument("--patient", required=True, help="the patientRef")
+    hi.add_argument("--json", action="store_true")
+    hi.set_defaults(func=cmd_history)
 
     sc = sub.add_parser(
         "scan-phi", help="scan chain, IPFS and devnet files for patient names/IDs (and plain hashes)"
@@ -220,6 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("output")
     de.add_argument("--option", action="append", help="e.g. retain-uids, retain-longitudinal-modified-dates")
     de.set_defaults(func=cmd_deid)
+
+    e = sub.add_parser(
+        "edge",
+        help="the hospital's edge: plain DICOMweb in, signed requests out; optional C-STORE SCP",
+    )
+    e.add_argument("--gateway", required=True, help="the gateway's base URL")
+    e.add_argument("--key", required=True, help="the hospital's member key file (mode 0600)")
+    e.add_argument("--listen", default="127.0.0.1:8042", help="HOST:PORT of the DICOMweb proxy (0 = free)")
+    e.add_argument("--purpose", help="default X-MedLedger-Purpose for reads, e.g. TREAT")
+    e.add_argument("--dimse-config", help="TOML/JSON: called AE title, calling AE titles -> member keys")
+    e.add_argument("--dimse-port", type=int, help="C-STORE SCP port (default: the config's)")
+    e.add_argument("--dimse-host", help="C-STORE SCP address (default: the config's)")
+    e.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --listen address")
+    e.set_defaults(func=cmd_edge)
     return p
 
 

@@ -24,7 +24,7 @@ import requests
 from ledger.chain import load_account
 from ledger.errors import MedLedgerError
 from ledger.multipart import build_multipart_related, parse_content_type, parse_multipart_related_bytes
-from ledger.reqsig import domain_separator, sign_request
+from ledger.reqsig import HEADER_KEY, address_of, domain_separator, sign_request
 from ledger.typed_data import sign_typed
 
 
@@ -55,6 +55,7 @@ class MedLedgerAuth(httpx.Auth):
     def __init__(self, private_key: str | bytes, separator: bytes) -> None:
         self._key = _key_bytes(private_key)
         self._separator = separator
+        self._address = address_of(self._key)
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         query = request.url.query.decode() if isinstance(request.url.query, bytes) else str(request.url.query)
@@ -62,6 +63,7 @@ class MedLedgerAuth(httpx.Auth):
             self._key, self._separator, request.method, request.url.path, query, request.content
         )
         request.headers.update(signed.as_dict())
+        request.headers[HEADER_KEY] = self._address
         yield request
 
 
@@ -71,9 +73,17 @@ class MedLedgerRequestsAuth(requests.auth.AuthBase):
     def __init__(self, private_key: str | bytes, separator: bytes) -> None:
         self._key = _key_bytes(private_key)
         self._separator = separator
+        self._address = address_of(self._key)
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
         url = urlsplit(r.url or "")
+        if r.body is not None and not isinstance(r.body, bytes | str) and hasattr(r.body, "__iter__"):
+            # A chunked body (e.g. dicomweb-client's STOW of objects over its chunk size): the
+            # signature covers the whole body's hash, so buffer it and send it with a length.
+            whole = b"".join(c if isinstance(c, bytes) else str(c).encode() for c in r.body)
+            r.body = whole
+            r.headers.pop("Transfer-Encoding", None)
+            r.headers["Content-Length"] = str(len(whole))
         body = (
             r.body
             if isinstance(r.body, bytes)
@@ -89,6 +99,7 @@ class MedLedgerRequestsAuth(requests.auth.AuthBase):
             self._key, self._separator, r.method or "GET", unquote(url.path), url.query, body
         )
         r.headers.update(signed.as_dict())
+        r.headers[HEADER_KEY] = self._address
         return r
 
 
@@ -262,6 +273,43 @@ class GatewayClient:
             )
         )
 
+    def rotate_patient_key(
+        self, patient_ref: str, new_key: str, *, nonce: int | None = None
+    ) -> dict[str, Any]:
+        """As the patient (signing with the current key): replace the patient's key with `new_key`.
+
+        Afterwards sign with the new key (e.g. a new GatewayClient); the old key is refused.
+        """
+        n = int(self.patient(patient_ref)["nonce"]) if nonce is None else nonce
+        sig = self.sign("RotatePatientKey", {"patientRef": patient_ref, "newKey": new_key, "nonce": n})
+        return dict(
+            self._json(
+                "POST",
+                f"/patients/{patient_ref}/key-rotation",
+                {"new_key": new_key, "nonce": n, "signature": sig},
+            )
+        )
+
+    def set_delegate(
+        self, patient_ref: str, delegate: str, until: int, *, nonce: int | None = None
+    ) -> dict[str, Any]:
+        """As the patient: let `delegate` (a guardian's key) act for the patient until `until`.
+
+        `until` is unix seconds; 0 (or any past time) removes the delegate.
+        """
+        n = int(self.patient(patient_ref)["nonce"]) if nonce is None else nonce
+        msg = {"patientRef": patient_ref, "delegate": delegate, "until": until, "nonce": n}
+        return dict(
+            self._json(
+                "POST",
+                f"/patients/{patient_ref}/delegates",
+                {"delegate": delegate, "until": until, "nonce": n, "signature": self.sign("Delegate", msg)},
+            )
+        )
+
+    def remove_delegate(self, patient_ref: str, delegate: str) -> dict[str, Any]:
+        return self.set_delegate(patient_ref, delegate, 0)
+
     def history(self, patient_ref: str) -> dict[str, Any]:
         return dict(self._json("GET", f"/patients/{patient_ref}/history"))
 
@@ -278,11 +326,16 @@ class GatewayClient:
     def verify(self) -> dict[str, Any]:
         return dict(self._json("GET", "/audit/verify"))
 
-    def events(self) -> list[dict[str, Any]]:
+    def events(self, from_seq: int = 0) -> list[dict[str, Any]]:
+        """As an auditor: the audit log (from event `from_seq` on)."""
         import json
 
-        r = self._check(self.http.get("/audit/events"))
+        r = self._check(self.http.get("/audit/events", params={"from_seq": from_seq} if from_seq else None))
         return [json.loads(line) for line in r.text.splitlines() if line]
+
+    def export(self, fmt: str = "jsonl") -> bytes:
+        """As an auditor: the audit log exported (jsonl with proofs, fhir, dicom-xml or csv)."""
+        return self._check(self.http.get("/audit/export", params={"format": fmt})).content
 
     def members(self) -> list[dict[str, Any]]:
         return list(self._json("GET", "/members"))

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -55,7 +55,13 @@ DUPLICATE_SOP_INSTANCE = 0x0111  # Failure: Duplicate SOP Instance
 NOT_AUTHORIZED = 0x0124  # Refused: Not Authorized
 PROCESSING_FAILURE = 0x0110  # Failure: Processing failure
 
-_KNOWN_FAILURES = {OUT_OF_RESOURCES, CANNOT_UNDERSTAND, DATASET_MISMATCH, DUPLICATE_SOP_INSTANCE, NOT_AUTHORIZED}
+_KNOWN_FAILURES = {
+    OUT_OF_RESOURCES,
+    CANNOT_UNDERSTAND,
+    DATASET_MISMATCH,
+    DUPLICATE_SOP_INSTANCE,
+    NOT_AUTHORIZED,
+}
 
 _AE_TITLE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _-.+")
 
@@ -65,7 +71,9 @@ def _ae_title(value: Any, what: str) -> str:
         raise InvalidInput(f"{what} must be a non-empty AE title")
     title = value.strip()
     if len(title) > 16 or not set(title) <= _AE_TITLE_CHARS:
-        raise InvalidInput(f"{what} {title!r} is not a valid AE title (at most 16 characters, no control chars)")
+        raise InvalidInput(
+            f"{what} {title!r} is not a valid AE title (at most 16 characters, no control chars)"
+        )
     return title
 
 
@@ -244,10 +252,12 @@ class StoreSCP:
     def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
         """Start listening in background threads; returns the bound (host, port)."""
         ae = self._make_ae()
-        handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_c_store)]
+        handlers: list[Any] = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_c_store)]
         address = (host or self.config.host, self.config.port if port is None else port)
-        self._server = ae.start_server(address, block=False, evt_handlers=handlers)
-        bound = self._server.server_address
+        server = ae.start_server(address, block=False, evt_handlers=handlers)
+        assert server is not None  # block=False returns the server
+        self._server = server
+        bound = server.server_address
         log.info("DIMSE C-STORE SCP %s listening on %s:%s", self.config.ae_title, bound[0], bound[1])
         return str(bound[0]), int(bound[1])
 

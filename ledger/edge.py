@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from starlette.routing import Route
 from ledger.chain import load_account
 from ledger.client import MedLedgerAuth
 from ledger.errors import InvalidInput
+from ledger.multipart import new_boundary
 from ledger.purposes import BREAK_GLASS, purposes_mask
 from ledger.reqsig import domain_separator
 
@@ -121,8 +123,12 @@ def create_edge_app(config: EdgeConfig, *, separator: bytes | None = None) -> St
         headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_REQUEST}
         if request.method in ("GET", "HEAD") and config.purpose and PURPOSE_HEADER not in request.headers:
             headers[PURPOSE_HEADER] = config.purpose
+        content = b"".join(chunks)
+        ctype = headers.get("content-type")
+        if ctype:
+            headers["content-type"], content = normalize_multipart_boundary(ctype, content)
         url = httpx.URL(request.url.path, query=request.scope.get("query_string", b""))
-        upstream = client.build_request(request.method, url, content=b"".join(chunks), headers=headers)
+        upstream = client.build_request(request.method, url, content=content, headers=headers)
         try:
             answer = await client.send(upstream, stream=True)
         except httpx.HTTPError as err:
@@ -146,6 +152,36 @@ def create_edge_app(config: EdgeConfig, *, separator: bytes | None = None) -> St
         Route("/dicomweb/{rest:path}", proxy, methods=methods),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+_BOUNDARY_PARAM = re.compile(
+    r';[ \t]*boundary[ \t]*=[ \t]*(?:"([^"\\]{1,200})"|([^;" \t]{1,200}))', re.IGNORECASE
+)
+
+
+def normalize_multipart_boundary(content_type: str, body: bytes) -> tuple[str, bytes]:
+    """Re-frame a multipart body whose boundary is longer than RFC 2046's 70 characters.
+
+    Orthanc's DICOMweb plugin (1.7, Debian 12) sends STOW-RS bodies with a 73-character
+    boundary, which a strict parser (the gateway's) refuses. The body is whole here, so the
+    edge swaps the boundary for a fresh legal one. Every ``--boundary`` in a valid body is a
+    delimiter (RFC 2046 forbids it inside parts), so the swap changes nothing else; the
+    new boundary is checked to occur nowhere in the body. Other bodies pass unchanged.
+    """
+    if not content_type.lower().lstrip().startswith("multipart/"):
+        return content_type, body
+    m = _BOUNDARY_PARAM.search(content_type)
+    if m is None:
+        return content_type, body
+    old = m.group(1) if m.group(1) is not None else m.group(2)
+    if len(old) <= 70:
+        return content_type, body
+    while True:
+        fresh = new_boundary()
+        if fresh.encode() not in body:
+            break
+    reframed = body.replace(b"--" + old.encode("latin-1"), b"--" + fresh.encode())
+    return content_type[: m.start()] + f"; boundary={fresh}" + content_type[m.end() :], reframed
 
 
 def _error(status: int, code: str, message: str) -> Response:

@@ -47,6 +47,7 @@ from ledger.keystore import KeyStore
 from ledger.merkle import verify_inclusion
 from ledger.pseudonym import new_patient_ref, object_ref, patient_lookup_key, study_ref
 from ledger.purposes import BREAK_GLASS, PURPOSES, purpose_bit, purposes_mask, purposes_of
+from ledger.research import RESEARCH_PURPOSE, ResearchContext, research_base_key, research_context
 from ledger.reqsig import MAX_SKEW_S, VerifiedRequest, domain_separator
 from ledger.verify import Report, verify_log
 
@@ -316,6 +317,7 @@ class Gateway:
                 uploaded_ms=int(time.time() * 1000),
             )
             self.catalog.add_instance(row)
+            self.catalog.put_qido(row.sop_instance_uid, patient_ref, dict(inst.qido))
         except BaseException:
             await self._unpin_unless_used(cid)
             raise
@@ -359,8 +361,8 @@ class Gateway:
             )
         purpose_bit(purpose)
         ctx.purpose = purpose
-        if caller.actor == row.custodian:
-            return {}
+        if caller.actor == row.custodian and purpose != RESEARCH_PURPOSE:
+            return {}  # a research read needs the patient's consent, the custodian's too
         if justification is not None:
             if purpose != BREAK_GLASS:
                 raise ConsentDenied("break-glass access is only for purpose ETREAT", code="wrong_purpose")
@@ -419,11 +421,160 @@ class Gateway:
         out: list[bytes] = []
         for row in rows:
             out.append(await self.read_instance(row))
+        if purpose == RESEARCH_PURPOSE:  # never the original: de-identified copies only
+            out = await self._deidentify_copies(caller, ctx, rows, out, grants[0])
         for row in rows:
             sub = replace(ctx, object_ref=row.object_ref, recorded=False)
             await self.record_async(sub, Outcome.OK, **grants[0])
         ctx.recorded = True
         return out
+
+    # ---- research share (HRESCH), WADO-RS addressing, QIDO-RS -------------------------------
+    def research_context(self, reader: str, study_uid: str, patient_ref: str) -> ResearchContext:
+        """The de-identification context of one study for one reader (see `ledger.research`)."""
+        base = research_base_key(self.keystore.pseudonym_key)
+        return research_context(base, reader, study_uid, patient_ref)
+
+    async def _deidentify_copies(
+        self,
+        caller: Caller,
+        ctx: RequestContext,
+        rows: list[StoredInstance],
+        datas: list[bytes],
+        grant: dict[str, Any],
+    ) -> list[bytes]:
+        """De-identified copies of a study's instances; one DEIDENTIFY event per source object."""
+        from ledger.deid import DeidError
+        from ledger.research import deidentify_bytes
+
+        dctx = self.research_context(caller.actor, rows[0].study_instance_uid, rows[0].patient_ref)
+        copies: list[bytes] = []
+        for data in datas:
+            try:
+                copies.append(await asyncio.to_thread(deidentify_bytes, data, dctx))
+            except DeidError:
+                raise Forbidden(
+                    "an instance of this request cannot be de-identified for research "
+                    "(e.g. burned-in annotation), so it is not released",
+                    code="not_deidentifiable",
+                ) from None
+        for row in rows:
+            sub = replace(ctx, action=Action.DEIDENTIFY, object_ref=row.object_ref, recorded=False)
+            await self.record_async(sub, Outcome.OK, **grant)
+        return copies
+
+    def find_rows(
+        self,
+        caller: Caller,
+        purpose: str,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_uid: str | None = None,
+    ) -> list[StoredInstance]:
+        """The stored instances a WADO-RS path names, in study order.
+
+        For a research read (HRESCH) the path may use the UIDs of the reader's de-identified
+        copies (as QIDO-RS returned them); they are mapped back here, never shown."""
+        rows = self.catalog.study_instances(study_uid)
+        uid_of: dict[str, tuple[str, str]] = {
+            r.sop_instance_uid: (r.series_instance_uid, r.sop_instance_uid) for r in rows
+        }
+        if not rows and purpose == RESEARCH_PURPOSE:
+            studies: dict[str, list[StoredInstance]] = {}
+            for r in self.catalog.all_instances():
+                studies.setdefault(r.study_instance_uid, []).append(r)
+            for suid, srows in studies.items():
+                dctx = self.research_context(caller.actor, suid, srows[0].patient_ref)
+                if dctx.map_uid(suid) == study_uid:
+                    rows = sorted(srows, key=lambda r: (r.series_instance_uid, r.sop_instance_uid))
+                    uid_of = {
+                        r.sop_instance_uid: (
+                            dctx.map_uid(r.series_instance_uid),
+                            dctx.map_uid(r.sop_instance_uid),
+                        )
+                        for r in rows
+                    }
+                    break
+        if not rows:
+            raise UnknownStudy("no such study")
+        if series_uid:
+            rows = [r for r in rows if series_uid in (r.series_instance_uid, uid_of[r.sop_instance_uid][0])]
+            if not rows:
+                raise UnknownInstance("no such series in this study", code="unknown_series")
+        if sop_uid:
+            rows = [r for r in rows if sop_uid in (r.sop_instance_uid, uid_of[r.sop_instance_uid][1])]
+            if not rows:
+                raise UnknownInstance("no such instance in this study/series")
+        return rows
+
+    def query(
+        self,
+        caller: Caller,
+        ctx: RequestContext,
+        level: str,
+        params: list[tuple[str, str]],
+        purpose: str,
+        base_url: str,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """QIDO-RS over what the caller may see; one QUERY event with the number of matches.
+
+        Visible: the caller's own (custodial) studies, and, when a purpose is stated, the
+        studies a consent in force lets the caller access for that purpose. For HRESCH only
+        consented studies (the custodian's too), and only as their de-identified copies would
+        show them (attributes, UIDs and dates as in `ledger.research`)."""
+        from ledger.qido import Record, parse_query, search
+        from ledger.research import deidentify_attrs
+
+        ctx.action = Action.QUERY
+        query = parse_query(level, params)
+        if purpose:
+            purpose_bit(purpose)
+            ctx.purpose = purpose
+        research = purpose == RESEARCH_PURPOSE
+        stored_attrs = self.catalog.all_qido()
+        studies: dict[str, list[StoredInstance]] = {}
+        for row in self.catalog.all_instances():
+            studies.setdefault(row.study_instance_uid, []).append(row)
+        records: list[tuple[Record, StoredInstance]] = []
+        for suid, rows in studies.items():
+            first = rows[0]
+            own = first.custodian == caller.actor and not research
+            if not own and not (
+                purpose
+                and self.index.decide(first.patient_ref, caller.actor, first.study_ref, purpose).allowed
+            ):
+                continue
+            dctx = self.research_context(caller.actor, suid, first.patient_ref) if research else None
+            for row in rows:
+                attrs = dict(stored_attrs.get(row.sop_instance_uid, {}))
+                attrs.update(
+                    StudyInstanceUID=row.study_instance_uid,
+                    SeriesInstanceUID=row.series_instance_uid,
+                    SOPInstanceUID=row.sop_instance_uid,
+                    SOPClassUID=row.sop_class_uid,
+                )
+                if row.modality:
+                    attrs.setdefault("Modality", row.modality)
+                if dctx is not None:
+                    attrs = deidentify_attrs(attrs, dctx)
+                records.append((Record(attrs), row))
+        if study_uid:
+            records = [(r, row) for r, row in records if r.get("StudyInstanceUID") == study_uid]
+            if records:
+                ctx.patient_ref, ctx.study_ref = records[0][1].patient_ref, records[0][1].study_ref
+        if series_uid:
+            records = [(r, row) for r, row in records if r.get("SeriesInstanceUID") == series_uid]
+        results, total = search(
+            query,
+            [r for r, _ in records],
+            base_url,
+            study_in_path=bool(study_uid),
+            series_in_path=bool(series_uid),
+        )
+        self.record(ctx, Outcome.OK, reason=f"matches:{total}")
+        return results, list(query.warnings)
 
     # ---- patients ----------------------------------------------------------------------
     def lookup_patient(self, caller: Caller, ctx: RequestContext, issuer: str, patient_id: str) -> str:
@@ -668,6 +819,7 @@ class Gateway:
                     "break_glass": ev.break_glass,
                     "consent_id": ev.consent_id,
                     "study_ref": ev.study_ref,
+                    "record": ev.to_dict(),  # the canonical record: with `proof`, checkable alone
                     "proof": {
                         "status": proof_status,
                         "tree_size": head.tree_size if head else 0,
@@ -692,6 +844,27 @@ class Gateway:
 
         consents = read_chain_consents(self.chain, int(self.devnet.data.get("deploy_block", 0)))
         return verify_log(events, anchors, consents)
+
+    def export(self, caller: Caller, ctx: RequestContext, fmt: str) -> tuple[bytes, str]:
+        """The audit log in export format `fmt` (see `ledger.exports`) and its media type.
+
+        The EXPORT event itself is recorded and anchored first, so a jsonl export includes it."""
+        from ledger.exports import FORMATS, MEDIA_TYPES, render
+
+        ctx.action = Action.EXPORT
+        if fmt not in FORMATS:
+            raise InvalidInput(f"unknown export format; expected one of {', '.join(FORMATS)}")
+        self.record(ctx, Outcome.OK)
+        self.anchorer.anchor_pending()
+        data = render(
+            fmt,
+            self.audit,
+            read_chain_anchors(self.chain),
+            chain_id=self.devnet.chain_id,
+            contracts=self.devnet.contracts,
+            gateway_id=self.member_id,
+        )
+        return data, MEDIA_TYPES[fmt]
 
     def export_events(self, caller: Caller, ctx: RequestContext, from_seq: int = 0) -> list[dict[str, Any]]:
         ctx.action = Action.EXPORT

@@ -5,6 +5,7 @@ Every gateway request (except `/health`, `/info` and the OpenAPI document) carri
     X-MedLedger-Timestamp: <unix seconds, decimal>
     X-MedLedger-Nonce:     0x<64 hex>  (32 random bytes, never reused)
     X-MedLedger-Signature: 0x<130 hex> (r || s || v, v in {27, 28})
+    X-MedLedger-Key:       0x<40 hex>  (optional: the signer's address; the SDK always sends it)
 
 The signature is an EIP-712 signature (the same digest `eth_signTypedData_v4` produces) of
 
@@ -22,7 +23,9 @@ The signature is an EIP-712 signature (the same digest `eth_signTypedData_v4` pr
 The signer's address is recovered from the signature; the gateway then looks the address up
 in on-chain membership (or, for patient endpoints, in the patient's enrolled key). A request is
 refused when the timestamp is more than `MAX_SKEW_S` away from the gateway's clock, or when
-its (signer, nonce) pair was seen before. A test vector is in `tests/unit/test_reqsig.py` and
+its (signer, nonce) pair was seen before. With `X-MedLedger-Key`, a signature that does not
+recover to that address (a tampered request, another chain or deployment) is refused as a bad
+signature (401) instead of being attributed to an unknown key (403). A test vector is in `tests/unit/test_reqsig.py` and
 the README.
 """
 
@@ -45,6 +48,7 @@ MAX_SKEW_S = 300
 HEADER_TIMESTAMP = "x-medledger-timestamp"
 HEADER_NONCE = "x-medledger-nonce"
 HEADER_SIGNATURE = "x-medledger-signature"
+HEADER_KEY = "x-medledger-key"
 
 _DOMAIN_TYPEHASH = keccak(
     text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
@@ -186,4 +190,17 @@ def verify_request(
     nonce = _hex_header(headers, HEADER_NONCE, 32)
     signature = _hex_header(headers, HEADER_SIGNATURE, 65)
     digest = request_digest(separator, method, path, query, body_hash, ts, nonce)
-    return VerifiedRequest(signer=recover_address(digest, signature), timestamp=ts, nonce=nonce)
+    signer = recover_address(digest, signature)
+    claimed = headers.get(HEADER_KEY)
+    if claimed is not None and claimed.strip().lower() != signer.lower():
+        raise AuthenticationFailed(
+            "the signature does not verify for the key in X-MedLedger-Key "
+            "(request altered, or signed for another chain or deployment)"
+        )
+    return VerifiedRequest(signer=signer, timestamp=ts, nonce=nonce)
+
+
+def address_of(private_key: bytes) -> str:
+    """The checksummed Ethereum address of a private key."""
+    pub = PrivateKey(private_key).public_key.format(compressed=False)[1:]
+    return to_checksum_address(keccak(pub)[-20:])

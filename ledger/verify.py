@@ -23,13 +23,13 @@ sequence number it concerns:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ledger.anchorer import ChainAnchor
 from ledger.chain_index import ZERO32, ConsentState
 from ledger.events import Action, AuditEvent, Outcome, leaf_hash
-from ledger.merkle import MerkleFrontier
+from ledger.merkle import MerkleFrontier, verify_consistency, verify_inclusion
 from ledger.purposes import BREAK_GLASS, PURPOSES
 
 
@@ -162,7 +162,7 @@ def verify_log(
                 "view_without_consent", ev.seq, "a VIEW names no consent and the reader is not the custodian"
             )
             continue
-        c = consents.get(int(ev.consent_id))
+        c = consents.get(int(ev.consent_id)) if ev.consent_id.isdigit() else None
         t = ev.time_ms // 1000
         if c is None:
             problem("view_without_consent", ev.seq, f"consent {ev.consent_id} does not exist on-chain")
@@ -215,3 +215,186 @@ def read_chain_consents(chain: Any, from_block: int = 0) -> dict[int, ConsentSta
     idx = ChainIndex(chain, from_block=from_block, max_staleness=1e9)
     idx.sync()
     return dict(idx.consents)
+
+
+_EVENT_TYPES: dict[str, type] = {
+    f.name: (bool if f.type in ("bool", bool) else int if f.type in ("int", int) else str)
+    for f in fields(AuditEvent)
+}
+
+
+def _event_of(data: Any) -> AuditEvent:
+    """An exported event, type-checked field by field (ValueError when malformed)."""
+    if not isinstance(data, dict):
+        raise ValueError("an event is a JSON object")
+    ev = AuditEvent.from_dict(data)
+    for name, want in _EVENT_TYPES.items():
+        value: Any = getattr(ev, name)
+        if type(value) is not want or (isinstance(value, int) and value < 0):
+            raise ValueError(f"field {name} has the wrong type")
+    return ev
+
+
+def _hash_of(value: Any) -> bytes | None:
+    if not isinstance(value, str) or len(value) != 66 or not value.startswith("0x"):
+        return None
+    try:
+        return bytes.fromhex(value[2:])
+    except ValueError:
+        return None
+
+
+def _proves(leaf: bytes | None, seq: int, a: ChainAnchor, path: list[bytes]) -> bool:
+    if leaf is None:
+        return False
+    if a.single:
+        return not path and seq == a.first_seq and leaf == a.root
+    return verify_inclusion(leaf, seq, a.tree_size, path, a.root)
+
+
+def check_export(
+    header: dict[str, Any],
+    rows: Sequence[Any],
+    anchors: Sequence[ChainAnchor],
+    consents: dict[int, ConsentState],
+    *,
+    max_problems: int = 1000,
+) -> Report:
+    """Verify an export (``header`` and the other lines, see ``ledger.exports.jsonl``) against the
+    on-chain ``anchors`` and ``consents``: :func:`verify_log` on its events, plus every exported
+    anchor equal to the chain's, every consistency proof between consecutive tree anchors and
+    every event's inclusion proof checked against the on-chain roots, and the export not stale.
+    """
+    extra: list[Problem] = []
+    events: list[AuditEvent] = []
+    event_rows: list[dict[str, Any]] = []
+    anchor_rows: list[dict[str, Any]] = []
+    for i, row in enumerate(rows):
+        kind = row.get("type") if isinstance(row, dict) else None
+        if kind == "event":
+            try:
+                events.append(_event_of(row.get("event")))
+                event_rows.append(row)
+            except (TypeError, ValueError) as exc:
+                extra.append(Problem("malformed_event", None, f"line {i + 2}: {exc}"))
+        elif kind == "anchor":
+            anchor_rows.append(row)
+        else:
+            extra.append(Problem("malformed_line", None, f"line {i + 2} is neither an event nor an anchor"))
+    report = verify_log(events, anchors, consents, max_problems=max_problems)
+
+    # the export's anchors are the chain's, and each tree anchor extends the previous one
+    by_index = {a.index: a for a in anchors}
+    exported_anchor: dict[int, dict[str, Any]] = {}
+    for row in anchor_rows:
+        idx = row.get("index")
+        a = by_index.get(idx) if isinstance(idx, int) else None
+        if a is None or (
+            row.get("first_seq"),
+            row.get("tree_size"),
+            _hash_of(row.get("root")),
+            bool(row.get("single")),
+        ) != (a.first_seq, a.tree_size, a.root, a.single):
+            extra.append(
+                Problem(
+                    "anchor_not_on_chain",
+                    row.get("first_seq") if isinstance(row.get("first_seq"), int) else None,
+                    f"exported anchor {idx} differs from the chain's",
+                )
+            )
+            continue
+        exported_anchor[a.index] = row
+    prev: ChainAnchor | None = None
+    for a in anchors:
+        if a.single:
+            continue
+        row_ = exported_anchor.get(a.index)
+        if prev is not None and row_ is not None:
+            c = row_.get("consistency")
+            path = [_hash_of(p) for p in c.get("path", [])] if isinstance(c, dict) else None
+            if c is None:
+                extra.append(
+                    Problem(
+                        "missing_consistency_proof", a.first_seq, f"anchor {a.index} has no consistency proof"
+                    )
+                )
+            elif (
+                path is None
+                or None in path
+                or c.get("from_size") != prev.tree_size
+                or not verify_consistency(
+                    prev.tree_size, a.tree_size, prev.root, a.root, [p for p in path if p is not None]
+                )
+            ):
+                extra.append(
+                    Problem(
+                        "bad_consistency_proof",
+                        a.first_seq,
+                        f"anchor {a.index} is not proven an extension of anchor {prev.index}",
+                    )
+                )
+        prev = a
+    exported_count = header.get("anchors")
+    if isinstance(exported_count, int) and len(anchor_rows) < min(exported_count, len(anchors)):
+        extra.append(
+            Problem("anchor_missing_from_export", None, "the export lists fewer anchors than its header says")
+        )
+
+    # every event's inclusion proof leads to an on-chain root
+    anchored = anchors[-1].tree_size if anchors else 0
+    for row, ev in zip(event_rows, events, strict=True):
+        proof = row.get("proof")
+        leaf = leaf_hash(ev)
+        if not isinstance(proof, dict):
+            if ev.seq < anchored:
+                extra.append(Problem("missing_proof", ev.seq, "an anchored event has no inclusion proof"))
+            continue
+        a = by_index.get(proof.get("anchor_index"))  # type: ignore[arg-type]
+        size = proof.get("tree_size")
+        raw = proof.get("path")
+        path = [_hash_of(p) for p in raw] if isinstance(raw, list) else [None]
+        ok = False
+        exported_leaf = _hash_of(row.get("leaf"))
+        if a is not None and size == a.tree_size and None not in path and isinstance(size, int):
+            hashes = [p for p in path if p is not None]
+
+            ok = _proves(leaf, ev.seq, a, hashes)
+            if (
+                not ok
+                and exported_leaf is not None
+                and exported_leaf != leaf
+                and _proves(exported_leaf, ev.seq, a, hashes)
+            ):
+                extra.append(
+                    Problem(
+                        "edited",
+                        ev.seq,
+                        "the record's fields were changed: its proof holds for the original record only",
+                    )
+                )
+                continue
+        if not ok:
+            extra.append(
+                Problem("bad_proof", ev.seq, "the exported inclusion proof does not verify against the chain")
+            )
+
+    # the export is the chain's current view, and its header matches the chain
+    size = header.get("tree_size")
+    if isinstance(size, int) and anchors and size < anchors[-1].tree_size:
+        extra.append(
+            Problem(
+                "stale_export",
+                size,
+                f"the chain has anchored {anchors[-1].tree_size} events, the export only {size}",
+            )
+        )
+    head_root = (
+        {a.tree_size: a.root for a in anchors if not a.single}.get(size) if isinstance(size, int) else None
+    )
+    if size and head_root is not None and _hash_of(header.get("root")) != head_root:
+        extra.append(Problem("header_mismatch", None, "the header's root is not the chain's root"))
+
+    report.problems.extend(extra[: max(0, max_problems - len(report.problems))])
+    report.problems.sort(key=lambda p: (p.seq is None, p.seq if p.seq is not None else 0))
+    report.ok = not report.problems
+    return report

@@ -96,7 +96,9 @@ def export_lines(
         "access_ledger": access_ledger,
         "consent": consent,
         "tree_size": size,
-        "root": hex0x(tree.root() if head and head.tree_size == size else merkle.root(leaves)) if size else None,
+        "root": hex0x(tree.root() if head and head.tree_size == size else merkle.root(leaves))
+        if size
+        else None,
         "anchors": len(anchors),
         "log_size": log_size,
         "events": log_size if include_unanchored else size,
