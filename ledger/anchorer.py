@@ -11,6 +11,11 @@ checks every on-chain root against the local log (a mismatch means the log was a
 stops anchoring), and resumes from the chain's tree size. Since the contract only accepts a
 growing tree (and in event mode exactly the next sequence number), no event is anchored twice
 and, after a restart, every pending event is anchored.
+
+Cost per batch in tree mode is O(log n) and independent of the batch size: the root comes from
+the log's own in-memory frontier (:meth:`AuditLog.tree_head`), which the writer keeps current
+batch by batch; leaf hashes are read back from the table only by `reconcile()` (to check the
+chain's anchors) and when another process has written the same log file.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ledger.audit_log import AuditLog
@@ -70,7 +76,10 @@ class Anchorer:
         mode: str = "tree",
         max_batch: int = 100_000,
         max_delay: float = 0.5,
+        on_anchor: Callable[[int, int], None] | None = None,
     ) -> None:
+        """``on_anchor(tree_size, block_number)`` is called (in the anchoring thread) after each
+        anchor is confirmed and recorded, e.g. for metrics; it must be quick and not raise."""
         if mode not in ("tree", "event"):
             raise ValueError("mode must be 'tree' or 'event'")
         self.chain = chain
@@ -78,6 +87,8 @@ class Anchorer:
         self.mode = mode
         self.max_batch = max_batch
         self.max_delay = max_delay
+        self.on_anchor = on_anchor
+        self._snapshot_at: float | None = None  # monotonic time of the last batch's snapshot
         self._frontier = MerkleFrontier()
         self._anchored = 0
         self._wake = threading.Event()
@@ -111,31 +122,41 @@ class Anchorer:
 
     def _run(self) -> None:
         first_pending_at: float | None = None
+        poll = self.max_delay / 4
+        timeout = poll
         while not self._stop.is_set():
-            self._wake.wait(self.max_delay / 4)
+            self._wake.wait(timeout)
             self._wake.clear()
+            timeout = poll
             if self.diverged:
                 continue
             pending = self.audit.size() - self._anchored
             if pending <= 0:
                 first_pending_at = None
+                self._snapshot_at = None  # everything pending from now on arrived after this check
                 continue
             now = time.monotonic()
             if first_pending_at is None:
-                first_pending_at = now
-            if pending >= self.max_batch or now - first_pending_at >= self.max_delay:
+                # Events that arrived while the previous batch was on its way have waited since
+                # its snapshot: count the delay from there, so no event waits max_delay twice.
+                first_pending_at = self._snapshot_at if self._snapshot_at is not None else now
+            if pending < self.max_batch and now - first_pending_at < self.max_delay:
+                timeout = max(0.0, min(poll, first_pending_at + self.max_delay - now))
+                continue
+            try:
+                self.anchor_pending()
+                first_pending_at = None
+                self.last_error = None
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("anchoring failed, will reconcile and retry: %s", self.last_error)
+                first_pending_at = None
+                self._snapshot_at = None
+                time.sleep(min(self.max_delay, 1.0))
                 try:
-                    self.anchor_pending()
-                    first_pending_at = None
-                    self.last_error = None
-                except Exception as exc:
-                    self.last_error = f"{type(exc).__name__}: {exc}"
-                    log.warning("anchoring failed, will reconcile and retry: %s", self.last_error)
-                    time.sleep(min(self.max_delay, 1.0))
-                    try:
-                        self.reconcile()
-                    except Exception as exc2:
-                        log.warning("reconcile failed: %s", type(exc2).__name__)
+                    self.reconcile()
+                except Exception as exc2:
+                    log.warning("reconcile failed: %s", type(exc2).__name__)
 
     # ---- the work ----------------------------------------------------------------------
     def reconcile(self) -> None:
@@ -154,7 +175,7 @@ class Anchorer:
             known = {(a.tree_size, a.root) for a in self.audit.anchors()}
             for a in chain_anchors:
                 if (a.tree_size, a.root) not in known:
-                    idx = self.audit.record_anchor(a.tree_size, a.root, "event" if a.single else "tree", "")
+                    idx = self.audit.record_anchor(a.tree_size, a.root, "event" if a.single else "tree", f"chain:{a.index}")
                     self.audit.confirm_anchor(idx, a.block_number)
             self._anchored = tree_size
             self.chain.reset_nonces()
@@ -180,18 +201,25 @@ class Anchorer:
     def anchor_pending(self) -> int:
         """Anchor every event not yet anchored; wait for the receipts. Returns the new tree size."""
         with self._lock:
+            snapshot_at = time.monotonic()
             size = self.audit.size()
             if size <= self._anchored:
                 return self._anchored
             if self.mode == "tree":
-                self._extend_frontier(size)
-                root = self._frontier.root()
+                head_size, root = self.audit.tree_head()  # O(log n): the writer's frontier
+                if head_size > self._anchored:
+                    size = head_size  # what the writer has committed and hashed so far
+                else:  # only another process appended to the file: hash from the table
+                    self._extend_frontier(size)
+                    root = self._frontier.root()
                 sent = self.chain.send(
                     "AccessLedger", "anchorTree", size, root, gas=ANCHOR_TREE_GAS, preflight=False
                 )
                 idx = self.audit.record_anchor(size, root, "tree", sent.tx_hash)
                 receipt = self.chain.wait(sent)
                 self.audit.confirm_anchor(idx, int(receipt["blockNumber"]))
+                if self.on_anchor is not None:
+                    self.on_anchor(size, int(receipt["blockNumber"]))
             else:
                 leaves = self.audit.leaf_hashes(self._anchored, size)
                 sends: list[tuple[SentTx, int]] = []
@@ -201,9 +229,12 @@ class Anchorer:
                         "AccessLedger", "anchorEvent", seq, leaf, gas=ANCHOR_EVENT_GAS, preflight=False
                     )
                     sends.append((sent, self.audit.record_anchor(seq + 1, leaf, "event", sent.tx_hash)))
-                for sent, idx in sends:
+                for offset, (sent, idx) in enumerate(sends):
                     receipt = self.chain.wait(sent)
                     self.audit.confirm_anchor(idx, int(receipt["blockNumber"]))
+                    if self.on_anchor is not None:
+                        self.on_anchor(self._anchored + offset + 1, int(receipt["blockNumber"]))
                 self._extend_frontier(size)
             self._anchored = size
+            self._snapshot_at = snapshot_at
             return size

@@ -1,21 +1,34 @@
 """The gateway's durable, append-only audit event log (SQLite, WAL, ``synchronous=FULL``).
 
-Writes go through one writer thread that does group commit: every caller of :meth:`AuditLog.append`
-or :meth:`AuditLog.append_many` enqueues its prepared drafts and waits; the writer drains the
-queue, assigns gap-free sequence numbers and monotone times inside one ``BEGIN IMMEDIATE``
-transaction for everything it drained, commits (one fsync for the whole batch) and wakes the
-callers. A call returns only after its transaction has committed, so a returned event survives a
-crash. Each ``append_many`` call is atomic: its events are consecutive and in one transaction.
+Writes go through one writer thread that does group commit: every caller of :meth:`AuditLog.append`,
+:meth:`AuditLog.append_many` or :meth:`AuditLog.append_batch` enqueues its prepared drafts and
+waits; the writer drains the queue, assigns gap-free sequence numbers and monotone times inside one
+``BEGIN IMMEDIATE`` transaction for everything it drained, commits (one fsync for the whole batch)
+and wakes the callers. A call returns only after its transaction has committed, so a returned event
+survives a crash. Each call is atomic: its events are consecutive and in one transaction.
 
-The costly per-event work is done in the caller's thread: validating the draft and JSON-encoding
-every field except ``seq`` and ``time_ms``. The canonical encoding has sorted keys, so the
-writer only splices the two numbers into fixed places (``_Prepared.body``), hashes and inserts.
-``_Prepared.body`` is checked against :func:`ledger.events.canonical_bytes` by the tests.
+Hot path (see ``bench/anchoring.py``):
 
-The in-memory :class:`~ledger.merkle.MerkleFrontier` tracks the committed tree, so the root of
-the current log is O(log n); roots of older sizes and proofs read the leaf hashes from the table
-(O(n) hashing). The log also defends against a second writer on the same file (another process):
-the writer reads the last row inside its transaction instead of trusting its counters.
+* The caller's thread validates each draft and encodes every field except ``seq`` and
+  ``time_ms`` with a precompiled template (keys in canonical order, values spliced in raw when they
+  need no JSON escape, else escaped by the json module's own C escaper), so the writer only formats
+  ``head + seq + study_ref + time_ms + tail`` and hashes. ``_Prepared.body`` is checked against
+  :func:`ledger.events.canonical_bytes` by the tests: the encoding is the one of ``ledger.events``.
+* The writer inserts a whole batch with ONE SQL statement (``INSERT ... SELECT ... FROM
+  json_each(?)``), so SQLite does the per-row work in C without the GIL, while callers encode the
+  next drafts on the other core (a per-row ``executemany`` hands the GIL back and forth per row).
+* The lookup keys are time-bucketed: ``patient_key = (seq >> 16) << 40 | h40(patient_ref)`` (h40:
+  40 bits of BLAKE2b), so index inserts land in the newest part of the index instead of all over it
+  (a commit dirties a few index pages, not the whole index). A lookup probes one key per bucket
+  (``IN`` list) and re-checks the text column.
+* :meth:`AuditLog.append_batch` returns ``(first_seq, size, time_ms)`` without building
+  :class:`~ledger.events.AuditEvent` objects.
+
+The in-memory :class:`~ledger.merkle.MerkleFrontier` tracks the committed tree (extended a batch
+at a time), so the root of the current log is O(log n); roots of older sizes and proofs read the
+leaf hashes from the table (O(n) hashing). The log also defends against a second writer on the
+same file (another process): the writer reads the last row inside its transaction instead of
+trusting its counters.
 
 Anchors (roots posted on chain by the anchorer) are kept in the ``anchors`` table of the same
 database file.
@@ -23,8 +36,11 @@ database file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
+import operator
 import queue
 import sqlite3
 import threading
@@ -34,18 +50,25 @@ from concurrent.futures import Future
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from ledger import merkle
 from ledger.errors import Conflict, InvalidInput, MedLedgerError, NotFound, StoreUnavailable
 from ledger.events import ENCODING_VERSION, AuditEvent, EventDraft, canonical_bytes
 
-__all__ = ["Anchor", "AuditLog", "AuditLogCorrupt"]
+__all__ = ["Anchor", "AppendedBatch", "AuditLog", "AuditLogCorrupt"]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: time-bucketed lookup keys (1: plain 64-bit ref hashes)
 ANCHOR_KINDS: Final = frozenset({"tree", "event"})
 _MAX_BATCH_EVENTS: Final = 20_000  # stop draining the queue beyond this many events per commit
 _PAGE: Final = 2_000  # rows per query when streaming
+_PAGE_SIZE: Final = 16_384  # bytes per database page, for new files (~1 KB rows: fewer page splits)
+_WRITER_CACHE_KIB: Final = 65_536  # the writer's page cache (keeps the hot index pages in memory)
+_AUTOCHECKPOINT_PAGES: Final = 2_000  # WAL pages between checkpoints (32 MB with 16 KB pages)
+_BUCKET_BITS: Final = 16  # events per lookup-key bucket: 2**16
+_HASH_BITS: Final = 40  # bits of the ref hash in a lookup key
+_HASH_MASK: Final = (1 << _HASH_BITS) - 1
+_IN_CHUNK: Final = 500  # bucket keys per lookup query
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -53,7 +76,7 @@ CREATE TABLE IF NOT EXISTS events (
     time_ms     INTEGER NOT NULL,
     patient_ref TEXT,     -- NULL when the event has none
     study_ref   TEXT,
-    patient_key INTEGER,  -- _ref_key(patient_ref): a compact index key, see _ref_key
+    patient_key INTEGER,  -- _lookup_key(seq, patient_ref): a compact, time-bucketed index key
     study_key   INTEGER,
     body        BLOB NOT NULL,
     leaf        BLOB NOT NULL
@@ -77,9 +100,26 @@ CREATE TABLE IF NOT EXISTS anchors (
 """
 
 
-_INSERT_EVENT: Final = (
-    "INSERT INTO events(seq, time_ms, patient_ref, study_ref, patient_key, study_key, body, leaf) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+# One statement per batch: ?1 first seq, ?2 time_ms, ?3 the bodies back to back, ?4 the leaf hashes
+# back to back, ?5 a JSON array with one [patient_ref, study_ref, h40(patient_ref), h40(study_ref),
+# body offset (1-based), body length] per event (null refs and hashes for empty refs).
+_INSERT_BATCH: Final = f"""
+INSERT INTO events(seq, time_ms, patient_ref, study_ref, patient_key, study_key, body, leaf)
+SELECT ?1 + j.key, ?2,
+       json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'),
+       (((?1 + j.key) >> {_BUCKET_BITS}) << {_HASH_BITS}) | json_extract(j.value, '$[2]'),
+       (((?1 + j.key) >> {_BUCKET_BITS}) << {_HASH_BITS}) | json_extract(j.value, '$[3]'),
+       substr(?3, json_extract(j.value, '$[4]'), json_extract(j.value, '$[5]')),
+       substr(?4, 32 * j.key + 1, 32)
+FROM json_each(?5) AS j ORDER BY j.key
+"""
+
+# Schema 1 -> 2: rebase the lookup keys (their low 40 bits are kept, the bucket goes on top).
+_MIGRATE_1_TO_2: Final = (
+    "DROP TRIGGER IF EXISTS events_no_update",
+    f"UPDATE events SET "
+    f"patient_key = ((seq >> {_BUCKET_BITS}) << {_HASH_BITS}) | (patient_key & {_HASH_MASK}), "
+    f"study_key = ((seq >> {_BUCKET_BITS}) << {_HASH_BITS}) | (study_key & {_HASH_MASK})",
 )
 
 
@@ -110,47 +150,76 @@ _FIELD_TYPES: Final[dict[str, type]] = {
 }
 _EVENT_KEYS: Final = sorted(f.name for f in fields(AuditEvent))
 assert set(_EVENT_KEYS) == {*_DRAFT_FIELDS, "seq", "time_ms", "v"}
-# Every splice point needs a key on each side (so a comma before and after the number).
-assert _EVENT_KEYS[0] < "seq" < _EVENT_KEYS[-1] and any("seq" < k < "time_ms" for k in _EVENT_KEYS)
-assert "time_ms" < _EVENT_KEYS[-1]
+# The template below relies on this key order: the draft fields, then seq, study_ref, time_ms, v.
+_SORTED_FIELDS: Final = tuple(sorted(_DRAFT_FIELDS))
+assert _EVENT_KEYS[-4:] == ["seq", "study_ref", "time_ms", "v"] and _SORTED_FIELDS[-1] == "study_ref"
+_HEAD_FIELDS: Final = _SORTED_FIELDS[:-1]  # everything before "seq"
+_STR_HEAD: Final = tuple(name for name in _HEAD_FIELDS if _FIELD_TYPES[name] is str)
+_get_fields: Final = operator.attrgetter(*_SORTED_FIELDS)  # one C call: the values in key order
 
 
-_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-_STR_FIELDS: Final = tuple(name for name, kind in _FIELD_TYPES.items() if kind is str)
-# With placeholders 0 for seq and time_ms these occur exactly once in an encoded event: inside a
-# JSON string every '"' is escaped as '\\"', so ',"' can only start a key, and keys are unique.
-_SEQ_MARK: Final = b',"seq":0,'
-_TIME_MARK: Final = b',"time_ms":0,'
+def _head_parts(quoted: bool) -> list[str]:
+    """The constant text between the head's values; ``quoted``: string values come raw."""
+    parts, text = [], "{"
+    for name in _HEAD_FIELDS:
+        text += f'"{name}":'
+        if _FIELD_TYPES[name] is str and quoted:
+            text += '"'
+        parts.append(text)
+        text = '",' if _FIELD_TYPES[name] is str and quoted else ","
+    parts.append(text + '"seq":')
+    return parts
 
 
-def _ref_key(ref: str) -> int | None:
-    """The index key of a patient/study ref: 64 bits of BLAKE2b (None for ""). SQLite indexes an
-    INTEGER about twice as fast as the 66-character text; lookups re-check the text column."""
+_RAW_PARTS: Final = _head_parts(quoted=True)
+_ENC_PARTS: Final = _head_parts(quoted=False)
+# A raw head + '"study_ref"' whose values need no escape has exactly this many bytes that json
+# escapes inside strings ('"', '\\', 0x00-0x1f): the template's own quotes.
+_RAW_QUOTES: Final = "".join(_RAW_PARTS).count('"') + 2
+_ESCAPED: Final = b'"\\' + bytes(range(0x20))
+_BODY_FORMAT: Final = b'%b%d,"study_ref":%b,"time_ms":%d,"v":' + str(ENCODING_VERSION).encode() + b"}"
+_encode_str: Final = json.encoder.encode_basestring  # the C escaper json.dumps(ensure_ascii=False) uses
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _ref_hash(ref: str) -> int | None:
+    """40 bits of BLAKE2b of a patient/study ref (None for ""): the low bits of its lookup key."""
     if not ref:
         return None
-    return int.from_bytes(hashlib.blake2b(ref.encode("utf-8"), digest_size=8).digest(), "big", signed=True)
+    return int.from_bytes(hashlib.blake2b(ref.encode("utf-8"), digest_size=8).digest(), "big") & _HASH_MASK
+
+
+def _lookup_key(seq: int, ref: str) -> int | None:
+    """The index key of a ref in event ``seq``: bucket ``seq >> 16`` above 40 bits of its hash.
+
+    SQLite indexes an INTEGER about twice as fast as the 66-character text, and since the bucket
+    grows with seq, new index entries go to the end of the index. Lookups re-check the text."""
+    h = _ref_hash(ref)
+    return None if h is None else ((seq >> _BUCKET_BITS) << _HASH_BITS) | h
+
+
+def _plain(value: Any) -> Any:
+    return str.__str__(value) if isinstance(value, str) and type(value) is not str else value
 
 
 class _Prepared:
     """A validated draft with everything but ``seq`` and ``time_ms`` already encoded."""
 
-    __slots__ = ("head", "mid", "patient_key", "patient_ref", "study_key", "study_ref", "tail", "values")
+    __slots__ = ("head", "meta", "study", "values")
 
-    def __init__(self, values: dict[str, Any], head: bytes, mid: bytes, tail: bytes) -> None:
-        self.values = values
+    def __init__(self, values: tuple[Any, ...], head: bytes, study: bytes, meta: str) -> None:
+        self.values = values  # the draft's values in sorted key order (_SORTED_FIELDS)
         self.head = head  # b'{"action":...,"request_id":...,"seq":'
-        self.mid = mid  # b',"study_ref":"...","time_ms":'
-        self.tail = tail  # b',"v":1}'
-        self.patient_ref: str | None = values["patient_ref"] or None
-        self.study_ref: str | None = values["study_ref"] or None
-        self.patient_key = _ref_key(values["patient_ref"])
-        self.study_key = _ref_key(values["study_ref"])
+        self.study = study  # b'"<study_ref>"', JSON-encoded
+        self.meta = meta  # '[patient_ref, study_ref, h40, h40,' as JSON for _INSERT_BATCH
 
     def body(self, seq: int, time_ms: int) -> bytes:
-        return b"".join((self.head, str(seq).encode(), self.mid, str(time_ms).encode(), self.tail))
+        return _BODY_FORMAT % (self.head, seq, self.study, time_ms)
 
     def event(self, seq: int, time_ms: int) -> AuditEvent:
-        return AuditEvent(seq=seq, time_ms=time_ms, **self.values)
+        return AuditEvent(
+            seq=seq, time_ms=time_ms, **dict(zip(_SORTED_FIELDS, map(_plain, self.values), strict=True))
+        )
 
 
 def _validate(values: dict[str, Any]) -> None:
@@ -164,28 +233,81 @@ def _validate(values: dict[str, Any]) -> None:
                 raise InvalidInput(f"audit event field {name} must be a boolean")
         elif not isinstance(value, str):
             raise InvalidInput(f"audit event field {name} must be a string")
-        elif type(value) is not str:
-            values[name] = str.__str__(value)  # a plain str (e.g. from a StrEnum), as it reads back
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _meta(patient_ref: str, study_ref: str) -> str:
+    """The row's part of the JSON argument of _INSERT_BATCH: '[patient_ref,study_ref,h40,h40,'."""
+    ph, sh = _ref_hash(patient_ref), _ref_hash(study_ref)
+    return (
+        f"[{'null' if ph is None else _encode_str(patient_ref)},"
+        f"{'null' if sh is None else _encode_str(study_ref)},"
+        f"{'null' if ph is None else ph},{'null' if sh is None else sh},"
+    )
 
 
 def _prepare(draft: EventDraft) -> _Prepared:
-    if not isinstance(draft, EventDraft):
+    if type(draft) is not EventDraft and not isinstance(draft, EventDraft):
         raise InvalidInput("an audit event draft must be an EventDraft")
-    values = {name: getattr(draft, name) for name in _DRAFT_FIELDS}
-    if (
-        type(values["consent_version"]) is not int
-        or values["consent_version"] < 0
-        or type(values["break_glass"]) is not bool
-        or not all(type(values[name]) is str for name in _STR_FIELDS)
-    ):
-        _validate(values)
+    values = _get_fields(draft)
+    (
+        action,
+        actor,
+        actor_key,
+        actor_role,
+        break_glass,
+        consent_id,
+        consent_version,
+        counterparty,
+        justification_commitment,
+        object_ref,
+        outcome,
+        patient_ref,
+        purpose,
+        reason,
+        request_id,
+        study_ref,
+    ) = values
+    if type(consent_version) is int and consent_version >= 0 and type(break_glass) is bool:
+        p = _RAW_PARTS
+        try:
+            # str.join reads the raw text of str subclasses too (as json does) and refuses non-str.
+            text = "".join(
+                (p[0], action, p[1], actor, p[2], actor_key, p[3], actor_role, p[4],
+                 "true" if break_glass else "false", p[5], consent_id, p[6], str(consent_version),
+                 p[7], counterparty, p[8], justification_commitment, p[9], object_ref, p[10], outcome,
+                 p[11], patient_ref, p[12], purpose, p[13], reason, p[14], request_id, p[15],
+                 '"', study_ref, '"')
+            )  # fmt: skip
+            both = text.encode("utf-8")
+        except (TypeError, UnicodeEncodeError):
+            both = b""
+        # One C pass: if no value holds a byte json escapes, the raw splice is what json.dumps writes.
+        if both and len(both) - len(both.translate(None, _ESCAPED)) == _RAW_QUOTES:
+            split = len(both) - 2 - (len(study_ref) if study_ref.isascii() else len(study_ref.encode()))
+            return _Prepared(values, both[:split], both[split:], _meta(patient_ref, study_ref))
+    return _prepare_escaped(values)
+
+
+def _prepare_escaped(values: tuple[Any, ...]) -> _Prepared:
+    """The general path: validate, then escape every string with json's own escaper."""
+    named = dict(zip(_SORTED_FIELDS, values, strict=True))
+    _validate(named)
+    out: list[str] = []
+    for part, name in zip(_ENC_PARTS, _HEAD_FIELDS, strict=False):  # one more part
+        value = named[name]
+        out.append(part)
+        if _FIELD_TYPES[name] is str:
+            out.append(_encode_str(value))
+        else:
+            out.append(("true" if value else "false") if type(value) is bool else str(value))
+    out.append(_ENC_PARTS[-1])
     try:
-        body = _ENCODER.encode({**values, "seq": 0, "time_ms": 0, "v": ENCODING_VERSION}).encode("utf-8")
+        head = "".join(out).encode("utf-8")
+        study = _encode_str(named["study_ref"]).encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidInput("audit event fields must be valid Unicode text") from None
-    i = body.index(_SEQ_MARK) + len(_SEQ_MARK) - 2  # the placeholder "0" of seq
-    j = body.index(_TIME_MARK, i) + len(_TIME_MARK) - 2  # the placeholder "0" of time_ms
-    return _Prepared(values, head=body[:i], mid=body[i + 1 : j], tail=body[j + 1 :])
+    return _Prepared(values, head, study, _meta(named["patient_ref"], named["study_ref"]))
 
 
 def _now_ms() -> int:
@@ -196,12 +318,84 @@ def _event_from_body(body: bytes) -> AuditEvent:
     return AuditEvent.from_dict(json.loads(body))
 
 
+def _extended(frontier: merkle.MerkleFrontier, leaves: Sequence[bytes]) -> merkle.MerkleFrontier:
+    """``frontier`` with ``leaves`` appended, hashing whole aligned blocks level by level (list
+    comprehensions over hashlib) instead of one leaf at a time; the result is identical to
+    ``MerkleFrontier.extend``. ``frontier`` itself is not changed."""
+    sha = hashlib.sha256
+    size, stack = frontier.size, list(frontier.hashes)
+    i, n = 0, len(leaves)
+    while i < n:
+        k = 1 << ((n - i).bit_length() - 1)  # the largest power of two that fits ...
+        if size:
+            k = min(k, size & -size)  # ... and keeps the new block aligned
+        level = list(leaves[i : i + k])
+        while len(level) > 1:  # the root of the perfect subtree of k leaves
+            level = [sha(b"\x01" + a + b).digest() for a, b in zip(level[0::2], level[1::2], strict=True)]
+        h, t = level[0], size // k
+        while t & 1:
+            h = sha(b"\x01" + stack.pop() + h).digest()
+            t >>= 1
+        stack.append(h)
+        size += k
+        i += k
+    return merkle.MerkleFrontier.from_state(size, stack)
+
+
+class AppendedBatch(NamedTuple):
+    """What :meth:`AuditLog.append_batch` returns: events ``first_seq .. first_seq + size - 1``
+    were committed with log time ``time_ms``."""
+
+    first_seq: int
+    size: int
+    time_ms: int
+
+    @property
+    def seqs(self) -> range:
+        return range(self.first_seq, self.first_seq + self.size)
+
+
 class _Request:
     __slots__ = ("future", "items")
 
     def __init__(self, items: list[_Prepared]) -> None:
         self.items = items
         self.future: Future[tuple[int, int]] = Future()  # (first seq, time_ms)
+
+
+class _Encoded:
+    """A drained batch of requests, encoded for the seqs and time the encoder predicted."""
+
+    __slots__ = ("count", "leaves", "next_seq", "params", "requests", "time_ms")
+
+    def __init__(self, requests: list[_Request], next_seq: int, time_ms: int) -> None:
+        self.requests = requests
+        self.next_seq = next_seq
+        self.time_ms = time_ms
+        items = [item for request in requests for item in request.items]
+        self.count = len(items)
+        fmt = _BODY_FORMAT
+        bodies = [
+            fmt % (item.head, s, item.study, time_ms)
+            for item, s in zip(items, range(next_seq, next_seq + len(items)), strict=True)
+        ]
+        sha = hashlib.sha256
+        self.leaves = [sha(b"\x00" + body).digest() for body in bodies]
+        lengths = list(map(len, bodies))
+        meta = ",".join(
+            [
+                f"{item.meta}{end - n + 1},{n}]"
+                for item, end, n in zip(items, itertools.accumulate(lengths), lengths, strict=True)
+            ]
+        )
+        self.params = (next_seq, time_ms, b"".join(bodies), b"".join(self.leaves), f"[{meta}]")
+
+    def results(self) -> list[tuple[int, int]]:
+        out, seq = [], self.next_seq
+        for request in self.requests:
+            out.append((seq, self.time_ms))
+            seq += len(request.items)
+        return out
 
 
 _STOP: Final = object()
@@ -236,13 +430,17 @@ class AuditLog:
 
         self._aux = self._connect()  # schema, anchors, integrity checks
         self._aux_lock = threading.Lock()
+        self._aux.execute(f"PRAGMA page_size={_PAGE_SIZE}")  # takes effect on a new file only
         self._aux.execute("PRAGMA journal_mode=WAL")
         with self._aux_lock:
             self._aux.execute("BEGIN IMMEDIATE")
             try:
                 version = self._aux.execute("PRAGMA user_version").fetchone()[0]
-                if version not in (0, SCHEMA_VERSION):
+                if version not in (0, 1, SCHEMA_VERSION):
                     raise AuditLogCorrupt(f"unsupported audit log schema version {version}")
+                if version == 1:
+                    for statement in _MIGRATE_1_TO_2:
+                        self._aux.execute(statement)
                 for statement in _SCHEMA.split(";\n"):
                     if statement.strip():
                         self._aux.execute(statement)
@@ -266,7 +464,17 @@ class AuditLog:
 
         self._queue: queue.SimpleQueue[_Request | object] = queue.SimpleQueue()
         self._writer_conn = self._connect()
+        self._writer_conn.execute(f"PRAGMA cache_size=-{_WRITER_CACHE_KIB}")
+        self._writer_conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
+        # Two-stage pipeline: the encoder drains the queue and formats + hashes batch k+1 (Python,
+        # holds the GIL) while the writer inserts and commits batch k (SQLite, releases the GIL).
+        last = self._aux.execute("SELECT seq, time_ms FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        self._predicted = (0, 0) if last is None else (last[0] + 1, last[1])  # encoder's (seq, time)
+        self._resync: tuple[int, int] | None = None  # set by the writer when a prediction was wrong
+        self._encoded: queue.Queue[_Encoded | object] = queue.Queue(maxsize=1)
+        self._encoder = threading.Thread(target=self._encoder_loop, name="audit-log-encoder", daemon=True)
         self._writer = threading.Thread(target=self._writer_loop, name="audit-log-writer", daemon=True)
+        self._encoder.start()
         self._writer.start()
 
     # ---- connections ---------------------------------------------------------------------------
@@ -326,6 +534,15 @@ class AuditLog:
         first, time_ms = self._submit(items)
         return [item.event(first + i, time_ms) for i, item in enumerate(items)]
 
+    def append_batch(self, drafts: Sequence[EventDraft]) -> AppendedBatch:
+        """Like :meth:`append_many` (atomic, consecutive seqs, durable on return) but returns only
+        ``(first_seq, size, time_ms)``: the fast path for bulk producers (no event objects)."""
+        items = list(map(_prepare, drafts))
+        if not items:
+            return AppendedBatch(self.size(), 0, 0)
+        first, time_ms = self._submit(items)
+        return AppendedBatch(first, len(items), time_ms)
+
     def _submit(self, items: list[_Prepared]) -> tuple[int, int]:
         request = _Request(items)
         with self._close_lock:
@@ -334,7 +551,7 @@ class AuditLog:
             self._queue.put(request)
         return request.future.result()
 
-    def _writer_loop(self) -> None:
+    def _encoder_loop(self) -> None:
         stopping = False
         while not stopping:
             first = self._queue.get()
@@ -354,52 +571,59 @@ class AuditLog:
                 assert isinstance(nxt, _Request)
                 batch.append(nxt)
                 count += len(nxt.items)
+            with self._state_lock:
+                resync, self._resync = self._resync, None
+            next_seq, last_time = resync or self._predicted
             try:
-                results = self._commit_batch(batch, count)
-            except Exception as exc:  # every waiter of the batch must hear about it
-                for request in batch:
-                    error: Exception = exc
-                    if isinstance(exc, sqlite3.Error):
-                        error = StoreUnavailable(f"audit log write failed ({type(exc).__name__})")
-                        error.__cause__ = exc
-                    request.future.set_exception(error)
+                encoded = _Encoded(batch, next_seq, max(self._clock(), last_time))
+            except Exception as exc:
+                self._fail(batch, exc)
                 continue
-            for request, result in zip(batch, results, strict=True):
+            self._predicted = (next_seq + encoded.count, encoded.time_ms)
+            self._encoded.put(encoded)
+        self._encoded.put(_STOP)
+
+    def _writer_loop(self) -> None:
+        while True:
+            encoded = self._encoded.get()
+            if encoded is _STOP:
+                return
+            assert isinstance(encoded, _Encoded)
+            try:
+                results = self._commit_batch(encoded)
+            except Exception as exc:  # every waiter of the batch must hear about it
+                # The encoder's next prediction is now off by this batch; _commit_batch notices
+                # (the last row is not where it expected) and re-encodes.
+                self._fail(encoded.requests, exc)
+                continue
+            for request, result in zip(encoded.requests, results, strict=True):
                 request.future.set_result(result)
 
-    def _commit_batch(self, batch: list[_Request], count: int) -> list[tuple[int, int]]:
+    @staticmethod
+    def _fail(batch: list[_Request], exc: Exception) -> None:
+        for request in batch:
+            error: Exception = exc
+            if isinstance(exc, sqlite3.Error):
+                error = StoreUnavailable(f"audit log write failed ({type(exc).__name__})")
+                error.__cause__ = exc
+            request.future.set_exception(error)
+
+    def _commit_batch(self, encoded: _Encoded) -> list[tuple[int, int]]:
         conn = self._writer_conn
-        sha = hashlib.sha256
         conn.execute("BEGIN IMMEDIATE")
         try:
             row = conn.execute("SELECT seq, time_ms FROM events ORDER BY seq DESC LIMIT 1").fetchone()
             next_seq, last_time = (0, 0) if row is None else (row[0] + 1, row[1])
-            time_ms = max(self._clock(), last_time)
-            time_bytes = str(time_ms).encode()
-            rows: list[tuple[int, int, str | None, str | None, int | None, int | None, bytes, bytes]] = []
-            leaves: list[bytes] = []
-            results: list[tuple[int, int]] = []
-            seq = next_seq
-            for request in batch:
-                results.append((seq, time_ms))
-                for item in request.items:
-                    body = b"".join((item.head, str(seq).encode(), item.mid, time_bytes, item.tail))
-                    leaf = sha(b"\x00" + body).digest()
-                    rows.append(
-                        (
-                            seq,
-                            time_ms,
-                            item.patient_ref,
-                            item.study_ref,
-                            item.patient_key,
-                            item.study_key,
-                            body,
-                            leaf,
-                        )
-                    )
-                    leaves.append(leaf)
-                    seq += 1
-            conn.executemany(_INSERT_EVENT, rows)
+            if next_seq != encoded.next_seq or last_time > encoded.time_ms:
+                # Another writer (process) appended, or an earlier batch failed: re-encode for the
+                # real position, and tell the encoder where the log really ends.
+                encoded = _Encoded(encoded.requests, next_seq, max(self._clock(), last_time))
+                with self._state_lock:
+                    self._resync = (next_seq + encoded.count, encoded.time_ms)
+            # One statement for the batch: SQLite runs it in C with the GIL released.
+            cur = conn.execute(_INSERT_BATCH, encoded.params)
+            if cur.rowcount != encoded.count:
+                raise StoreUnavailable("audit log write inserted a wrong number of rows")
             # Leaves another writer committed since we last looked, read while we hold the lock.
             with self._state_lock:
                 behind = self._frontier.size != next_seq
@@ -410,11 +634,12 @@ class AuditLog:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        frontier = _extended(self._frontier, encoded.leaves)  # only this thread changes the frontier
         with self._state_lock:
-            self._frontier.extend(leaves)
+            self._frontier = frontier
             self._commits += 1
-            self._largest_commit = max(self._largest_commit, count)
-        return results
+            self._largest_commit = max(self._largest_commit, encoded.count)
+        return encoded.results()
 
     def _catch_up(self, conn: sqlite3.Connection, stop: int | None = None) -> None:
         """Extend the frontier with committed leaves it has not seen (up to ``stop``)."""
@@ -484,19 +709,35 @@ class AuditLog:
 
     def by_patient(self, patient_ref: str) -> list[AuditEvent]:
         """Events about ``patient_ref``, in seq order (``""`` matches nothing)."""
-        cur = self._reader().execute(
-            "SELECT body FROM events WHERE patient_key = ? AND patient_ref = ? ORDER BY seq",
-            (_ref_key(patient_ref), patient_ref),
-        )
-        return [_event_from_body(body) for (body,) in cur]
+        return self._by_ref("patient", patient_ref)
 
     def by_study(self, study_ref: str) -> list[AuditEvent]:
         """Events about ``study_ref``, in seq order (``""`` matches nothing)."""
-        cur = self._reader().execute(
-            "SELECT body FROM events WHERE study_key = ? AND study_ref = ? ORDER BY seq",
-            (_ref_key(study_ref), study_ref),
-        )
-        return [_event_from_body(body) for (body,) in cur]
+        return self._by_ref("study", study_ref)
+
+    def _by_ref(self, column: str, ref: str) -> list[AuditEvent]:
+        if not isinstance(ref, str):
+            raise InvalidInput(f"a {column} ref is a string")
+        h = _ref_hash(ref)
+        if h is None:
+            return []
+        conn = self._reader()
+        conn.execute("BEGIN")  # one snapshot across the bucket queries
+        try:
+            size = conn.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM events").fetchone()[0]
+            keys = [(bucket << _HASH_BITS) | h for bucket in range(((size - 1) >> _BUCKET_BITS) + 1)]
+            out: list[AuditEvent] = []
+            for lo in range(0, len(keys), _IN_CHUNK):  # buckets ascend, so seqs do across chunks
+                chunk = keys[lo : lo + _IN_CHUNK]
+                cur = conn.execute(
+                    f"SELECT body FROM events WHERE {column}_key IN ({','.join('?' * len(chunk))}) "
+                    f"AND {column}_ref = ? ORDER BY seq",
+                    (*chunk, ref),
+                )
+                out.extend(_event_from_body(body) for (body,) in cur)
+        finally:
+            conn.execute("COMMIT")
+        return out
 
     @staticmethod
     def _check_range(start: int, stop: int) -> None:
@@ -585,8 +826,8 @@ class AuditLog:
                     event.time_ms,
                     event.patient_ref or None,
                     event.study_ref or None,
-                    _ref_key(event.patient_ref),
-                    _ref_key(event.study_ref),
+                    _lookup_key(event.seq, event.patient_ref),
+                    _lookup_key(event.seq, event.study_ref),
                 ):
                     raise AuditLogCorrupt(f"event {seq}: row columns disagree with its body")
                 if time_ms < last_time:
@@ -707,6 +948,7 @@ class AuditLog:
                 return
             self._closed = True
             self._queue.put(_STOP)
+        self._encoder.join()
         self._writer.join()
         self._writer_conn.close()
         with self._aux_lock:

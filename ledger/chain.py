@@ -159,7 +159,7 @@ class ChainClient:
         self.errors = ErrorDecoder(list(abis.values()))
         self._nonces = NonceManager(self.w3, account.address) if account else None
         self._chain_id: int | None = None
-        self._gas_price: tuple[float, int] | None = None
+        self._fees: tuple[float, dict[str, int]] | None = None
 
     # ---- basics ------------------------------------------------------------------------
     @property
@@ -171,11 +171,31 @@ class ChainClient:
     def contract(self, name: str) -> Contract:
         return self.w3.eth.contract(address=self.addresses[name], abi=self.abis[name])
 
-    def gas_price(self) -> int:
+    def fees(self) -> dict[str, int]:
+        """Fee fields of a transaction (cached 5 s).
+
+        EIP-1559 chains: the node's suggested tip, and a fee cap of twice the base fee plus that
+        tip (room for the base fee to rise). Paying exactly the suggested tip matters: the node
+        derives its suggestion from the tips recently paid, so paying a multiple of the suggested
+        *gas price* (as this did before) doubled the price at every refresh under steady traffic
+        (measured on Anvil: 4 gwei to 8e6 gwei within ~200 blocks) until the account ran dry.
+        Chains without a base fee (e.g. a free-gas consortium chain) get the suggested gas price.
+        """
         now = time.monotonic()
-        if self._gas_price is None or now - self._gas_price[0] > 5.0:
-            self._gas_price = (now, int(self.w3.eth.gas_price) * 2)
-        return self._gas_price[1]
+        if self._fees is None or now - self._fees[0] > 5.0:
+            base = self.w3.eth.get_block("latest").get("baseFeePerGas")
+            if base is None:
+                fields = {"gasPrice": int(self.w3.eth.gas_price)}
+            else:
+                tip = int(self.w3.eth.max_priority_fee)
+                fields = {"maxFeePerGas": 2 * int(base) + tip, "maxPriorityFeePerGas": tip}
+            self._fees = (now, fields)
+        return dict(self._fees[1])
+
+    def gas_price(self) -> int:
+        """The most a transaction pays per gas (the fee cap)."""
+        f = self.fees()
+        return f.get("maxFeePerGas", f.get("gasPrice", 0))
 
     def reset_nonces(self) -> None:
         """Forget the local nonce (after a failure); the next send asks the chain again."""
@@ -217,14 +237,17 @@ class ChainClient:
         With ``preflight`` the call is first simulated (``eth_call`` + gas estimate) so a
         revert becomes a :class:`ChainError` naming the contract's custom error before any
         transaction is sent. Without it, ``gas`` must be given (hot paths such as anchoring).
+        The simulation runs against the ``pending`` block: its timestamp is the next block's,
+        so time checks (deadlines, a delegate's expiry) see the time the transaction will meet,
+        not the last mined block's (which lags when blocks are mined on demand, as on Anvil).
         """
         account = self._require_account()
         assert self._nonces is not None
         fn = getattr(self.contract(contract).functions, function)(*args)
         if preflight:
             try:
-                fn.call({"from": account.address})
-                estimated = fn.estimate_gas({"from": account.address})
+                fn.call({"from": account.address}, block_identifier="pending")
+                estimated = fn.estimate_gas({"from": account.address}, block_identifier="pending")
             except (ContractCustomError, ContractLogicError) as exc:
                 raise self.decode_error(exc) from exc
             gas = int(estimated * 1.25) + 10_000
@@ -236,7 +259,7 @@ class ChainClient:
                 "from": account.address,
                 "nonce": nonce,
                 "gas": gas,
-                "gasPrice": self.gas_price(),
+                **self.fees(),
                 "chainId": self.chain_id,
             }
         )
@@ -261,8 +284,22 @@ class ChainClient:
         return receipt
 
     def transact(self, contract: str, function: str, *args: Any) -> Any:
-        """Send with preflight and wait for the receipt (for state changes, not hot paths)."""
-        return self.wait(self.send(contract, function, *args))
+        """Send with preflight and wait for the receipt (for state changes, not hot paths).
+
+        If the transaction reverts even so (the state changed between simulation and block),
+        the call is simulated again so the error names the contract's custom error.
+        """
+        try:
+            return self.wait(self.send(contract, function, *args))
+        except ChainError as err:
+            if getattr(err, "contract_error", None) or "reverted" not in err.message:
+                raise
+            fn = getattr(self.contract(contract).functions, function)(*args)
+            try:
+                fn.call({"from": self._require_account().address}, block_identifier="pending")
+            except (ContractCustomError, ContractLogicError) as exc:
+                raise self.decode_error(exc) from err
+            raise
 
     def deploy(self, name: str, bytecode: str, *args: Any) -> str:
         account = self._require_account()
@@ -275,7 +312,7 @@ class ChainClient:
                 "from": account.address,
                 "nonce": self._nonces.take(),
                 "gas": gas,
-                "gasPrice": self.gas_price(),
+                **self.fees(),
                 "chainId": self.chain_id,
             }
         )

@@ -182,7 +182,10 @@ class GatewayClient:
     def retrieve(
         self, study: str, series: str, sop: str, *, purpose: str, break_glass: str | None = None
     ) -> bytes:
-        headers = {"X-MedLedger-Purpose": purpose, "Accept": 'multipart/related; type="application/dicom"'}
+        headers = {  # transfer-syntax=*: the stored bytes, never a conversion (PS3.18 8.7.3.5)
+            "X-MedLedger-Purpose": purpose,
+            "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*',
+        }
         if break_glass is not None:
             headers["X-MedLedger-Break-Glass"] = break_glass
         r = self._check(

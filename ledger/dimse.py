@@ -55,13 +55,11 @@ DUPLICATE_SOP_INSTANCE = 0x0111  # Failure: Duplicate SOP Instance
 NOT_AUTHORIZED = 0x0124  # Refused: Not Authorized
 PROCESSING_FAILURE = 0x0110  # Failure: Processing failure
 
-_KNOWN_FAILURES = {
-    OUT_OF_RESOURCES,
-    CANNOT_UNDERSTAND,
-    DATASET_MISMATCH,
-    DUPLICATE_SOP_INSTANCE,
-    NOT_AUTHORIZED,
-}
+
+def _is_failure_status(code: int) -> bool:
+    """A failure status a C-STORE response may carry: 0xA7xx, 0xA9xx, 0xCxxx or 0x01xx."""
+    return code >> 8 in (0xA7, 0xA9, 0x01) or code >> 12 == 0xC
+
 
 _AE_TITLE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _-.+")
 
@@ -166,7 +164,7 @@ def status_from_stow(http_status: int, body: dict[str, Any]) -> int:
         values = (item.get("00081197") or {}).get("Value") or []
         if values:
             reason = int(values[0])
-            return reason if reason in _KNOWN_FAILURES else CANNOT_UNDERSTAND
+            return reason if _is_failure_status(reason) else CANNOT_UNDERSTAND
     return PROCESSING_FAILURE
 
 
@@ -271,7 +269,8 @@ class StoreSCP:
     # ---- events ------------------------------------------------------------------------
     def _on_requested(self, event: Event) -> None:
         rq = event.assoc.requestor
-        calling = (rq.ae_title or "").strip()
+        # the A-ASSOCIATE-RQ as received (requestor.ae_title is only set once it is accepted)
+        calling = str(getattr(rq.primitive, "calling_ae_title", "") or "").strip()
         caller = self.config.callers.get(calling)
         reason = None
         if caller is None:

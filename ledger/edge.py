@@ -127,7 +127,8 @@ def create_edge_app(config: EdgeConfig, *, separator: bytes | None = None) -> St
         ctype = headers.get("content-type")
         if ctype:
             headers["content-type"], content = normalize_multipart_boundary(ctype, content)
-        url = httpx.URL(request.url.path, query=request.scope.get("query_string", b""))
+        query = request.scope.get("query_string", b"")
+        url = httpx.URL(request.url.path, query=query) if query else httpx.URL(request.url.path)
         upstream = client.build_request(request.method, url, content=content, headers=headers)
         try:
             answer = await client.send(upstream, stream=True)
@@ -218,6 +219,8 @@ def run_edge(
     from ledger.service import free_port
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore"):  # their INFO lines carry request paths, i.e. DICOM UIDs
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     key = bytes(read_key(Path(key_file)).key)
     host, port = parse_listen(listen)
     if not is_loopback(host) and not allow_remote:

@@ -47,8 +47,8 @@ from ledger.keystore import KeyStore
 from ledger.merkle import verify_inclusion
 from ledger.pseudonym import new_patient_ref, object_ref, patient_lookup_key, study_ref
 from ledger.purposes import BREAK_GLASS, PURPOSES, purpose_bit, purposes_mask, purposes_of
-from ledger.research import RESEARCH_PURPOSE, ResearchContext, research_base_key, research_context
 from ledger.reqsig import MAX_SKEW_S, VerifiedRequest, domain_separator
+from ledger.research import RESEARCH_PURPOSE, ResearchContext, research_base_key, research_context
 from ledger.verify import Report, verify_log
 
 log = logging.getLogger("medledger.gateway")

@@ -275,7 +275,14 @@ _DT_RE: Final = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)
 
 
 def _valid_temporal(vr: str, value: str) -> bool:
-    return bool({"DA": _DA_RE, "TM": _TM_RE, "DT": _DT_RE}[vr].fullmatch(value))
+    if not {"DA": _DA_RE, "TM": _TM_RE, "DT": _DT_RE}[vr].fullmatch(value):
+        return False
+    if vr == "TM":
+        hh, mm, ss = value[0:2], value[2:4] or "00", value[4:6] or "00"
+        return int(hh) < 24 and int(mm) < 60 and int(ss) < 61
+    digits = value if vr == "DA" else re.sub(r"[+-]\d{4}$", "", value) if len(value) > 5 else value
+    month, day = digits[4:6] or "01", digits[6:8] or "01"
+    return 1 <= int(month) <= 12 and 1 <= int(day) <= 31
 
 
 def _check_value(key: str, value: str) -> None:
@@ -292,6 +299,8 @@ def _check_value(key: str, value: str) -> None:
         if not _valid_temporal(vr, value):
             raise InvalidInput(f"{key} is not a valid {vr} value or range")
         return
+    if len(bounds) != 2:
+        raise InvalidInput(f"{key} is not a valid {vr} value or range")
     lo, hi = bounds
     if (not lo and not hi) or (lo and not _valid_temporal(vr, lo)) or (hi and not _valid_temporal(vr, hi)):
         raise InvalidInput(f"{key} is not a valid {vr} value or range")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
 from ledger.deid import DeidContext, DeidOption, deidentify
@@ -134,8 +135,8 @@ def _dataset_from_attrs(attrs: Mapping[str, str]) -> Dataset:
 def _text(value: object) -> str:
     if value is None:
         return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)  # type: ignore[union-attr]
+    if isinstance(value, list | tuple | MultiValue):
+        return "\\".join(str(v) for v in value)
     return str(value)
 
 

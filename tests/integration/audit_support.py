@@ -73,7 +73,9 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 def verify(events: Path, st: OwnStack) -> tuple[int, dict[str, Any]]:
     """`medledger audit verify --json` on `events`; (exit code, report)."""
-    r = cli("audit", "verify", "--events", str(events), "--rpc", st.rpc, "--contract", st.access_ledger, "--json")
+    r = cli(
+        "audit", "verify", "--events", str(events), "--rpc", st.rpc, "--contract", st.access_ledger, "--json"
+    )
     assert r.stdout, r.stderr
     return r.returncode, json.loads(r.stdout)
 

@@ -66,6 +66,10 @@ def fresh_instance(
     ds.SeriesInstanceUID = series_uid or generate_uid()
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    # Data Set Trailing Padding is for media only (PS3.10 7.2); DIMSE senders such as storescu
+    # drop it, so leave it out to keep "the bytes that arrive are the bytes sent" checkable.
+    if 0xFFFCFFFC in ds:
+        del ds[0xFFFCFFFC]
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

@@ -62,6 +62,19 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("POST", "/dicomweb/studies"): Row(MEMBER, ("hospital",)),
     ("GET", "/dicomweb/studies/{study}/series/{series}/instances/{sop}"): Row(MEMBER, ("hospital",)),
     ("GET", "/dicomweb/studies/{study}"): Row(MEMBER, ("hospital",)),
+    ("GET", "/dicomweb/studies/{study}/series/{series}"): Row(MEMBER, ("hospital",)),
+    ("GET", "/dicomweb/studies/{study}/metadata"): Row(MEMBER, ("hospital",)),
+    ("GET", "/dicomweb/studies/{study}/series/{series}/metadata"): Row(MEMBER, ("hospital",)),
+    ("GET", "/dicomweb/studies/{study}/series/{series}/instances/{sop}/metadata"): Row(MEMBER, ("hospital",)),
+    ("GET", "/dicomweb/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}"): Row(
+        MEMBER, ("hospital",)
+    ),
+    ("GET", "/dicomweb/studies"): Row(MEMBER, ("hospital",)),
+    ("GET", "/dicomweb/series"): Row(MEMBER, ("hospital",)),
+    ("GET", "/dicomweb/instances"): Row(MEMBER, ("hospital",)),
+    ("GET", "/dicomweb/studies/{study}/series"): Row(MEMBER, ("hospital",)),
+    ("GET", "/dicomweb/studies/{study}/instances"): Row(MEMBER, ("hospital",)),
+    ("GET", "/dicomweb/studies/{study}/series/{series}/instances"): Row(MEMBER, ("hospital",)),
     ("POST", "/patients/lookup"): Row(MEMBER, ("hospital",)),
     ("POST", "/patients/{patient_ref}/enrollment"): Row(MEMBER, ("hospital",)),
     ("GET", "/patients/{patient_ref}"): Row(PATIENT, ("patient", "delegate")),
@@ -73,6 +86,7 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("POST", "/shares"): Row(MEMBER, ("hospital",)),
     ("GET", "/audit/verify"): Row(MEMBER, ("auditor",)),
     ("GET", "/audit/events"): Row(MEMBER, ("auditor",)),
+    ("GET", "/audit/export"): Row(MEMBER, ("auditor",)),
     ("GET", "/members"): Row(DIRECTORY, (*MEMBER_ROLES, "patient", "delegate", "other_patient"), False),
     ("POST", "/governance/proposals"): Row(MEMBER, ("admin",)),
     ("POST", "/governance/proposals/{proposal_id}/approvals"): Row(MEMBER, ("admin",)),
@@ -106,7 +120,9 @@ class World:
 @pytest.fixture(scope="module")
 def world(stack) -> World:  # type: ignore[no-untyped-def]
     admins = admin_clients(stack)
-    accts = {n: Account.create() for n in ("a", "b", "c", "auditor", "removed", "patient", "other", "delegate")}
+    accts = {
+        n: Account.create() for n in ("a", "b", "c", "auditor", "removed", "patient", "other", "delegate")
+    }
     accts["outsider"] = Account.create()
     ids = {
         "hospital_a": add_member(admins, accts["a"].address, "hospital", "Matrix Hospital A"),
@@ -181,13 +197,17 @@ class Probe:
     headers: dict[str, str]
     status: int  # what the intended caller gets
     code: str  # its audit reason ("" when ok)
+    query: str = ""
 
 
 def probe(route: tuple[str, str], w: World) -> Probe:
-    _, template = route
+    method, template = route
     i0 = w.instances[0]
     ref = w.patient_ref
     read = {"Accept": DICOM_ACCEPT, "X-MedLedger-Purpose": "TREAT"}
+    meta = {"Accept": "application/dicom+json", "X-MedLedger-Purpose": "TREAT"}
+    series = f"/dicomweb/studies/{i0.study}/series/{i0.series}"
+    q = f"?StudyInstanceUID={i0.study}"
     json_h = {"Content-Type": "application/json"}
     bad_input = (jbody({}), json_h, 400, "invalid_input")
     table: dict[str, tuple[str, bytes, dict[str, str], int, str]] = {
@@ -198,7 +218,7 @@ def probe(route: tuple[str, str], w: World) -> Probe:
         "/docs/oauth2-redirect": ("/docs/oauth2-redirect", b"", {}, 200, ""),
         "/redoc": ("/redoc", b"", {}, 200, ""),
         # STOW with a JSON body: past authentication and role, refused as the wrong media type
-        "/dicomweb/studies": (
+        "POST /dicomweb/studies": (
             "/dicomweb/studies",
             b"{}",
             json_h,
@@ -207,6 +227,36 @@ def probe(route: tuple[str, str], w: World) -> Probe:
         ),
         "/dicomweb/studies/{study}/series/{series}/instances/{sop}": (instance_path(i0), b"", read, 200, ""),
         "/dicomweb/studies/{study}": (f"/dicomweb/studies/{i0.study}", b"", read, 200, ""),
+        "/dicomweb/studies/{study}/series/{series}": (series, b"", read, 200, ""),
+        "/dicomweb/studies/{study}/metadata": (f"/dicomweb/studies/{i0.study}/metadata", b"", meta, 200, ""),
+        "/dicomweb/studies/{study}/series/{series}/metadata": (f"{series}/metadata", b"", meta, 200, ""),
+        "/dicomweb/studies/{study}/series/{series}/instances/{sop}/metadata": (
+            f"{instance_path(i0)}/metadata",
+            b"",
+            meta,
+            200,
+            "",
+        ),
+        # a malformed tag: past authentication and role, refused as bad input
+        "/dicomweb/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}": (
+            f"{instance_path(i0)}/bulkdata/nothex!!",
+            b"",
+            read,
+            400,
+            "invalid_input",
+        ),
+        "/dicomweb/studies": (f"/dicomweb/studies{q}", b"", meta, 200, ""),
+        "/dicomweb/series": (f"/dicomweb/series{q}", b"", meta, 200, ""),
+        "/dicomweb/instances": (f"/dicomweb/instances{q}", b"", meta, 200, ""),
+        "/dicomweb/studies/{study}/series": (f"/dicomweb/studies/{i0.study}/series", b"", meta, 200, ""),
+        "/dicomweb/studies/{study}/instances": (
+            f"/dicomweb/studies/{i0.study}/instances",
+            b"",
+            meta,
+            200,
+            "",
+        ),
+        "/dicomweb/studies/{study}/series/{series}/instances": (f"{series}/instances", b"", meta, 200, ""),
         "/patients/lookup": (
             "/patients/lookup",
             jbody({"patient_id": w.patient_id, "issuer": ISSUER}),
@@ -227,13 +277,16 @@ def probe(route: tuple[str, str], w: World) -> Probe:
         "/shares": ("/shares", *bad_input),
         "/audit/verify": ("/audit/verify", b"", {}, 200, ""),
         "/audit/events": ("/audit/events", b"", {}, 200, ""),
+        # an unknown format: past authentication and role, refused as bad input (the query is signed)
+        "/audit/export": ("/audit/export?format=no-such-format", b"", {}, 400, "invalid_input"),
         "/members": ("/members", b"", {}, 200, ""),
         "/governance/proposals": ("/governance/proposals", *bad_input),
         "/governance/proposals/{proposal_id}/approvals": ("/governance/proposals/1/approvals", *bad_input),
         "/governance/nonces/{address}": (f"/governance/nonces/{w.admin_address}", b"", {}, 200, ""),
     }
-    path, body, headers, status, code = table[template]
-    return Probe(path, body, headers, status, code)
+    path, body, headers, status, code = table.get(f"{method} {template}") or table[template]
+    path, _, query = path.partition("?")
+    return Probe(path, body, headers, status, code, query)
 
 
 def refusal_for(row: Row, role: str) -> tuple[int, str]:
@@ -297,8 +350,8 @@ def test_role(world: World, route: tuple[str, str], role: str) -> None:
     row = MATRIX[route]
     p = probe(route, world)
     method = route[0]
-    headers = {**p.headers, **world.raw.headers(world.keys[role], method, p.path, p.body)}
-    r = world.raw.send(method, p.path, p.body, headers)
+    headers = {**p.headers, **world.raw.headers(world.keys[role], method, p.path, p.body, query=p.query)}
+    r = world.raw.send(method, p.path, p.body, headers, query=p.query)
     if role in row.roles:
         check(world, r, p.status, p.code, row)
     else:
@@ -337,10 +390,10 @@ def test_authentication(world: World, route: tuple[str, str], case: str) -> None
     now = int(time.time())
 
     def signed(**kw: Any) -> dict[str, str]:
-        return {**p.headers, **world.raw.headers(key, method, p.path, p.body, **kw)}
+        return {**p.headers, **world.raw.headers(key, method, p.path, p.body, query=p.query, **kw)}
 
     def send(headers: dict[str, str]) -> Any:
-        return world.raw.send(method, p.path, p.body, headers)
+        return world.raw.send(method, p.path, p.body, headers, query=p.query)
 
     if case == "no_signature":
         check(world, send(dict(p.headers)), 401, "missing_signature", row)
@@ -359,7 +412,9 @@ def test_authentication(world: World, route: tuple[str, str], case: str) -> None
 
         h = {
             **p.headers,
-            **world.raw.headers(world.keys["outsider"], method, p.path, p.body, claim=address_of(key)),
+            **world.raw.headers(
+                world.keys["outsider"], method, p.path, p.body, query=p.query, claim=address_of(key)
+            ),
         }
         check(world, send(h), 401, "bad_signature", row)
     elif case == "tampered_without_key_header":
@@ -378,28 +433,27 @@ def test_authentication(world: World, route: tuple[str, str], case: str) -> None
 
 
 # ---- 3. consent-governed endpoints x every consent state ------------------------------------------
-# (endpoint, caller, study index, purpose, expected status, reason)
-CONSENT_CASES = [
-    ("instance", "b", 0, "TREAT", 200, ""),
-    ("instance", "b", 1, "TREAT", 403, "wrong_study"),
-    ("instance", "b", 2, "TREAT", 403, "consent_revoked"),
-    ("instance", "b", 3, "TREAT", 403, "consent_expired"),
-    ("instance", "b", 0, "HRESCH", 403, "wrong_purpose"),
-    ("instance", "c", 0, "TREAT", 403, "no_consent"),
-    ("study", "b", 0, "TREAT", 200, ""),
-    ("study", "b", 1, "TREAT", 403, "wrong_study"),
-    ("study", "b", 2, "TREAT", 403, "consent_revoked"),
-    ("study", "b", 3, "TREAT", 403, "consent_expired"),
-    ("study", "b", 0, "HRESCH", 403, "wrong_purpose"),
-    ("study", "c", 0, "TREAT", 403, "no_consent"),
-    # shares by the custodian: allowed only where the recipient's consent allows
-    ("share", "b", 0, "TREAT", 200, ""),
-    ("share", "b", 1, "TREAT", 403, "wrong_study"),
-    ("share", "b", 2, "TREAT", 403, "consent_revoked"),
-    ("share", "b", 3, "TREAT", 403, "consent_expired"),
-    ("share", "b", 0, "HRESCH", 403, "wrong_purpose"),
-    ("share", "c", 0, "TREAT", 403, "no_consent"),
-    # shares by a non-custodian: allowed only where its own consent allows
+# Each consent state, as (caller, study index, purpose, expected status, reason): B holds TREAT
+# consents for study 0 (in force), 2 (revoked) and 3 (expired), none for study 1; C holds none.
+CONSENT_STATES = [
+    ("b", 0, "TREAT", 200, ""),
+    ("b", 1, "TREAT", 403, "wrong_study"),
+    ("b", 2, "TREAT", 403, "consent_revoked"),
+    ("b", 3, "TREAT", 403, "consent_expired"),
+    ("b", 0, "HRESCH", 403, "wrong_purpose"),
+    ("c", 0, "TREAT", 403, "no_consent"),
+]
+# the consent-governed reads (WADO-RS: bytes and metadata, at each level), and sharing
+READS = {
+    "instance": lambda i: instance_path(i),
+    "series": lambda i: f"/dicomweb/studies/{i.study}/series/{i.series}",
+    "study": lambda i: f"/dicomweb/studies/{i.study}",
+    "instance_metadata": lambda i: f"{instance_path(i)}/metadata",
+    "series_metadata": lambda i: f"/dicomweb/studies/{i.study}/series/{i.series}/metadata",
+    "study_metadata": lambda i: f"/dicomweb/studies/{i.study}/metadata",
+}
+CONSENT_CASES = [(endpoint, *state) for endpoint in (*READS, "share") for state in CONSENT_STATES] + [
+    # a share by a non-custodian: allowed only where its own consent allows
     ("share_by_b", "c", 2, "TREAT", 403, "consent_revoked"),
     ("share_by_b", "c", 3, "TREAT", 403, "consent_expired"),
 ]
@@ -414,12 +468,12 @@ def test_consent(
     world: World, endpoint: str, who: str, study: int, purpose: str, status: int, code: str
 ) -> None:
     inst = world.instances[study]
-    headers = {"Accept": DICOM_ACCEPT, "X-MedLedger-Purpose": purpose}
-    if endpoint in ("instance", "study"):
+    accept = "application/dicom+json" if endpoint.endswith("metadata") else DICOM_ACCEPT
+    headers = {"Accept": accept, "X-MedLedger-Purpose": purpose}
+    if endpoint in READS:
         client = world.b if who == "b" else world.c
-        path = instance_path(inst) if endpoint == "instance" else f"/dicomweb/studies/{inst.study}"
-        r = client.http.get(path, headers=headers)
-        row = MATRIX[("GET", "/dicomweb/studies/{study}/series/{series}/instances/{sop}")]
+        r = client.http.get(READS[endpoint](inst), headers=headers)
+        row = MATRIX[("GET", "/dicomweb/studies/{study}")]
     else:
         key = world.keys["hospital"] if endpoint == "share" else world.b._key
         body = jbody(
@@ -433,16 +487,36 @@ def test_consent(
         r = world.raw.send("POST", "/shares", body, h)
         row = MATRIX[("POST", "/shares")]
     check(world, r, status, code, row)
+    events = world.audit.events_of(r.headers["x-request-id"])
     if status == 200:
         # every allowed access names the consent (id and version) that allowed it
-        events = world.audit.events_of(r.headers["x-request-id"])
         assert events and all(
             e["consent_id"] == str(world.consents["in_force"]) and e["consent_version"] == 1 for e in events
         ), events
-    elif endpoint in ("instance", "study"):
-        (ev,) = world.audit.events_of(r.headers["x-request-id"])
-        assert ev["action"] == "VIEW" and ev["study_ref"] == world.study_refs[study]
-        assert ev["actor"] == world.ids["hospital_b" if who == "b" else "hospital_c"]
+    if endpoint in READS:
+        assert events and all(
+            e["action"] == "VIEW"
+            and e["study_ref"] == world.study_refs[study]
+            and e["actor"] == world.ids["hospital_b" if who == "b" else "hospital_c"]
+            for e in events
+        ), events
+
+
+@pytest.mark.parametrize(("who", "study", "purpose", "status", "code"), CONSENT_STATES)
+def test_qido_shows_only_what_consent_allows(
+    world: World, who: str, study: int, purpose: str, status: int, code: str
+) -> None:
+    client = world.b if who == "b" else world.c
+    inst = world.instances[study]
+    headers = {"Accept": "application/dicom+json", "X-MedLedger-Purpose": purpose}
+    r = client.http.get("/dicomweb/studies", params={"StudyInstanceUID": inst.study}, headers=headers)
+    # a search refuses nothing: it leaves out what the caller may not see
+    assert r.status_code == (200 if status == 200 else 204), r.text[:300]
+    if status == 200:
+        assert [s["0020000D"]["Value"][0] for s in r.json()] == [inst.study]
+    (ev,) = world.audit.events_of(r.headers["x-request-id"])
+    assert ev["action"] == "QUERY" and ev["outcome"] == "ok"
+    assert ev["reason"] == ("matches:1" if status == 200 else "matches:0")
 
 
 def test_break_glass_without_consent_is_allowed_and_flagged(world: World) -> None:

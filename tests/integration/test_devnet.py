@@ -20,12 +20,16 @@ MEDLEDGER = [sys.executable, "-m", "ledger.cli"]
 
 
 def _rpc(url: str, method: str, params: list[object]) -> object:
-    return httpx.post(url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params}, timeout=10).json()["result"]
+    return httpx.post(
+        url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params}, timeout=10
+    ).json()["result"]
 
 
 def test_up_status_down_restart_keeps_state(tmp_path: Path) -> None:
     wd = tmp_path / "net"
-    up = subprocess.run([*MEDLEDGER, "devnet", "up", "--workdir", str(wd)], capture_output=True, text=True, timeout=600)
+    up = subprocess.run(
+        [*MEDLEDGER, "devnet", "up", "--workdir", str(wd)], capture_output=True, text=True, timeout=600
+    )
     assert up.returncode == 0, up.stderr
     printed = json.loads(up.stdout)
     data = json.loads((wd / "devnet.json").read_text())
@@ -34,7 +38,9 @@ def test_up_status_down_restart_keeps_state(tmp_path: Path) -> None:
     assert set(data["contracts"]) == {"Membership", "Consent", "AccessLedger"}
     assert (wd / "keys" / "gateway.key").stat().st_mode & 0o777 == 0o600
 
-    st = subprocess.run([*MEDLEDGER, "devnet", "status", "--workdir", str(wd)], capture_output=True, text=True)
+    st = subprocess.run(
+        [*MEDLEDGER, "devnet", "status", "--workdir", str(wd)], capture_output=True, text=True
+    )
     assert st.returncode == 0 and json.loads(st.stdout)["anvil"]["running"]
 
     # state that must survive a restart: a mined block, the deployment, an IPFS object
@@ -50,13 +56,17 @@ def test_up_status_down_restart_keeps_state(tmp_path: Path) -> None:
     # an unrelated process must survive `down`
     bystander = subprocess.Popen(["sleep", "60"])
     pids = dict(data["pids"])
-    down = subprocess.run([*MEDLEDGER, "devnet", "down", "--workdir", str(wd)], capture_output=True, text=True)
+    down = subprocess.run(
+        [*MEDLEDGER, "devnet", "down", "--workdir", str(wd)], capture_output=True, text=True
+    )
     assert down.returncode == 0
     assert json.loads(down.stdout)["stopped"] == {"ipfs": True, "anvil": True}
     assert not pid_is(pids["anvil"], "anvil") and not pid_is(pids["ipfs"], "ipfs")
     assert bystander.poll() is None
     bystander.kill()
-    st = subprocess.run([*MEDLEDGER, "devnet", "status", "--workdir", str(wd)], capture_output=True, text=True)
+    st = subprocess.run(
+        [*MEDLEDGER, "devnet", "status", "--workdir", str(wd)], capture_output=True, text=True
+    )
     assert st.returncode == 3 and not json.loads(st.stdout)["anvil"]["running"]
 
     net = manager.up(wd)
@@ -71,9 +81,13 @@ def test_up_status_down_restart_keeps_state(tmp_path: Path) -> None:
 
 
 def test_down_without_devnet_and_status_exit_codes(tmp_path: Path) -> None:
-    st = subprocess.run([*MEDLEDGER, "devnet", "status", "--workdir", str(tmp_path)], capture_output=True, text=True)
+    st = subprocess.run(
+        [*MEDLEDGER, "devnet", "status", "--workdir", str(tmp_path)], capture_output=True, text=True
+    )
     assert st.returncode == 3 and json.loads(st.stdout)["deployed"] is False
-    demo = subprocess.run([*MEDLEDGER, "serve", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    demo = subprocess.run(
+        [*MEDLEDGER, "serve", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
     assert demo.returncode == 1 and "no devnet" in demo.stderr
 
 
