@@ -173,10 +173,13 @@ class Anchorer:
             for p in self.audit.pending_anchors():
                 self.audit.drop_anchor(p.idx)
             known = {(a.tree_size, a.root) for a in self.audit.anchors()}
-            for a in chain_anchors:
-                if (a.tree_size, a.root) not in known:
-                    idx = self.audit.record_anchor(a.tree_size, a.root, "event" if a.single else "tree", f"chain:{a.index}")
-                    self.audit.confirm_anchor(idx, a.block_number)
+            self.audit.add_confirmed_anchors(
+                [
+                    (a.tree_size, a.root, "event" if a.single else "tree", f"chain:{a.index}", a.block_number)
+                    for a in chain_anchors
+                    if (a.tree_size, a.root) not in known
+                ]
+            )
             self._anchored = tree_size
             self.chain.reset_nonces()
 
@@ -212,28 +215,34 @@ class Anchorer:
                 else:  # only another process appended to the file: hash from the table
                     self._extend_frontier(size)
                     root = self._frontier.root()
+                # The local record is written once the receipt is in (one short transaction, not a
+                # pending row and then an update, each waiting for a write turn): the chain is the
+                # source of truth, and reconcile() adopts any anchor the table lacks after a crash.
                 sent = self.chain.send(
                     "AccessLedger", "anchorTree", size, root, gas=ANCHOR_TREE_GAS, preflight=False
                 )
-                idx = self.audit.record_anchor(size, root, "tree", sent.tx_hash)
-                receipt = self.chain.wait(sent)
-                self.audit.confirm_anchor(idx, int(receipt["blockNumber"]))
+                block = int(self.chain.wait(sent)["blockNumber"])
                 if self.on_anchor is not None:
-                    self.on_anchor(size, int(receipt["blockNumber"]))
+                    self.on_anchor(size, block)
+                self.audit.add_confirmed_anchors([(size, root, "tree", sent.tx_hash, block)])
             else:
                 leaves = self.audit.leaf_hashes(self._anchored, size)
-                sends: list[tuple[SentTx, int]] = []
-                for offset, leaf in enumerate(leaves):
+                sends: list[tuple[SentTx, bytes]] = []
+                for offset, leaf in enumerate(leaves):  # pipelined: local nonces, no waiting
                     seq = self._anchored + offset
                     sent = self.chain.send(
                         "AccessLedger", "anchorEvent", seq, leaf, gas=ANCHOR_EVENT_GAS, preflight=False
                     )
-                    sends.append((sent, self.audit.record_anchor(seq + 1, leaf, "event", sent.tx_hash)))
-                for offset, (sent, idx) in enumerate(sends):
-                    receipt = self.chain.wait(sent)
-                    self.audit.confirm_anchor(idx, int(receipt["blockNumber"]))
-                    if self.on_anchor is not None:
-                        self.on_anchor(self._anchored + offset + 1, int(receipt["blockNumber"]))
+                    sends.append((sent, leaf))
+                mined: list[tuple[int, bytes, str, str, int]] = []
+                try:
+                    for offset, (sent, leaf) in enumerate(sends):
+                        block = int(self.chain.wait(sent)["blockNumber"])
+                        mined.append((self._anchored + offset + 1, leaf, "event", sent.tx_hash, block))
+                        if self.on_anchor is not None:
+                            self.on_anchor(self._anchored + offset + 1, block)
+                finally:  # what did get mined is recorded even if a later receipt failed
+                    self.audit.add_confirmed_anchors(mined)
                 self._extend_frontier(size)
             self._anchored = size
             self._snapshot_at = snapshot_at

@@ -60,7 +60,7 @@ __all__ = ["Anchor", "AppendedBatch", "AuditLog", "AuditLogCorrupt"]
 
 SCHEMA_VERSION: Final = 2  # 2: time-bucketed lookup keys (1: plain 64-bit ref hashes)
 ANCHOR_KINDS: Final = frozenset({"tree", "event"})
-_MAX_BATCH_EVENTS: Final = 20_000  # stop draining the queue beyond this many events per commit
+_MAX_BATCH_EVENTS: Final = 10_000  # stop draining the queue beyond this many events per commit
 _PAGE: Final = 2_000  # rows per query when streaming
 _PAGE_SIZE: Final = 16_384  # bytes per database page, for new files (~1 KB rows: fewer page splits)
 _WRITER_CACHE_KIB: Final = 65_536  # the writer's page cache (keeps the hot index pages in memory)
@@ -113,6 +113,11 @@ SELECT ?1 + j.key, ?2,
        substr(?4, 32 * j.key + 1, 32)
 FROM json_each(?5) AS j ORDER BY j.key
 """
+
+_INSERT_ROW: Final = (
+    "INSERT INTO events(seq, time_ms, patient_ref, study_ref, patient_key, study_key, body, leaf) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 # Schema 1 -> 2: rebase the lookup keys (their low 40 bits are kept, the bucket goes on top).
 _MIGRATE_1_TO_2: Final = (
@@ -366,13 +371,13 @@ class _Request:
 class _Encoded:
     """A drained batch of requests, encoded for the seqs and time the encoder predicted."""
 
-    __slots__ = ("count", "leaves", "next_seq", "params", "requests", "time_ms")
+    __slots__ = ("count", "items", "leaves", "next_seq", "params", "requests", "time_ms")
 
     def __init__(self, requests: list[_Request], next_seq: int, time_ms: int) -> None:
         self.requests = requests
         self.next_seq = next_seq
         self.time_ms = time_ms
-        items = [item for request in requests for item in request.items]
+        items = self.items = [item for request in requests for item in request.items]
         self.count = len(items)
         fmt = _BODY_FORMAT
         bodies = [
@@ -389,6 +394,28 @@ class _Encoded:
             ]
         )
         self.params = (next_seq, time_ms, b"".join(bodies), b"".join(self.leaves), f"[{meta}]")
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        """Row tuples for a plain INSERT (the fallback when SQLite's JSON functions cannot carry a
+        ref: they cut text at U+0000)."""
+        p, s = _SORTED_FIELDS.index("patient_ref"), _SORTED_FIELDS.index("study_ref")
+        out = []
+        for offset, (item, leaf) in enumerate(zip(self.items, self.leaves, strict=True)):
+            seq = self.next_seq + offset
+            patient_ref, study_ref = _plain(item.values[p]), _plain(item.values[s])
+            out.append(
+                (
+                    seq,
+                    self.time_ms,
+                    patient_ref or None,
+                    study_ref or None,
+                    _lookup_key(seq, patient_ref),
+                    _lookup_key(seq, study_ref),
+                    item.body(seq, self.time_ms),
+                    leaf,
+                )
+            )
+        return out
 
     def results(self) -> list[tuple[int, int]]:
         out, seq = [], self.next_seq
@@ -430,6 +457,12 @@ class AuditLog:
 
         self._aux = self._connect()  # schema, anchors, integrity checks
         self._aux_lock = threading.Lock()
+        # Write turns inside this process: the event writer starts no transaction while an anchor
+        # write waits, so anchor bookkeeping is not starved by back-to-back event batches (SQLite's
+        # busy handler only sleeps and retries). Another process is still handled by busy_timeout.
+        self._turns = threading.Condition()
+        self._aux_waiting = 0
+        self._writing = False
         self._aux.execute(f"PRAGMA page_size={_PAGE_SIZE}")  # takes effect on a new file only
         self._aux.execute("PRAGMA journal_mode=WAL")
         with self._aux_lock:
@@ -609,6 +642,18 @@ class AuditLog:
             request.future.set_exception(error)
 
     def _commit_batch(self, encoded: _Encoded) -> list[tuple[int, int]]:
+        with self._turns:
+            while self._aux_waiting:
+                self._turns.wait()
+            self._writing = True
+        try:
+            return self._commit_batch_in_turn(encoded)
+        finally:
+            with self._turns:
+                self._writing = False
+                self._turns.notify_all()
+
+    def _commit_batch_in_turn(self, encoded: _Encoded) -> list[tuple[int, int]]:
         conn = self._writer_conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -620,8 +665,11 @@ class AuditLog:
                 encoded = _Encoded(encoded.requests, next_seq, max(self._clock(), last_time))
                 with self._state_lock:
                     self._resync = (next_seq + encoded.count, encoded.time_ms)
-            # One statement for the batch: SQLite runs it in C with the GIL released.
-            cur = conn.execute(_INSERT_BATCH, encoded.params)
+            if "\\u0000" not in encoded.params[4]:
+                # One statement for the batch: SQLite runs it in C with the GIL released.
+                cur = conn.execute(_INSERT_BATCH, encoded.params)
+            else:  # a ref holds U+0000 (or the text "\u0000"), which json_extract would cut
+                cur = conn.executemany(_INSERT_ROW, encoded.rows())
             if cur.rowcount != encoded.count:
                 raise StoreUnavailable("audit log write inserted a wrong number of rows")
             # Leaves another writer committed since we last looked, read while we hold the lock.
@@ -855,18 +903,69 @@ class AuditLog:
         return Anchor(*row)
 
     def _aux_write(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Cursor:
+        return self._aux_write_many(sql, [params])
+
+    def _aux_write_many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> sqlite3.Cursor:
+        """Run ``sql`` for every row in one transaction (taking a write turn, see ``_turns``);
+        returns the cursor of the last row."""
         if self._closed:
             raise StoreUnavailable("the audit log is closed")
-        with self._aux_lock:
-            self._aux.execute("BEGIN IMMEDIATE")
+        with self._turns:
+            self._aux_waiting += 1
             try:
-                cur = self._aux.execute(sql, params)
-                self._aux.execute("COMMIT")
+                while self._writing:
+                    self._turns.wait()
             except BaseException:
-                if self._aux.in_transaction:
-                    self._aux.execute("ROLLBACK")
+                self._aux_waiting -= 1
+                self._turns.notify_all()
                 raise
-            return cur
+        try:
+            with self._aux_lock:
+                self._aux.execute("BEGIN IMMEDIATE")
+                try:
+                    cur = self._aux.cursor()
+                    for params in rows:
+                        cur.execute(sql, params)
+                    self._aux.execute("COMMIT")
+                except BaseException:
+                    if self._aux.in_transaction:
+                        self._aux.execute("ROLLBACK")
+                    raise
+                return cur
+        finally:
+            with self._turns:
+                self._aux_waiting -= 1
+                self._turns.notify_all()
+
+    def add_confirmed_anchors(self, anchors: Sequence[tuple[int, bytes, str, str, int]]) -> list[int]:
+        """Record anchors already mined, ``(tree_size, root, kind, tx_hash, block_number)`` each,
+        in one transaction; returns their ``idx``. ``tx_hash`` may be "" when unknown (an anchor
+        re-read from the chain). The anchorer uses this after the receipt: the chain is the source
+        of truth, so nothing is lost if the process dies before this call."""
+        rows = []
+        size = self.size()
+        for tree_size, root, kind, tx_hash, block_number in anchors:
+            if kind not in ANCHOR_KINDS:
+                raise InvalidInput(f"anchor kind must be one of {sorted(ANCHOR_KINDS)}")
+            if not isinstance(root, bytes | bytearray) or len(root) != merkle.HASH_SIZE:
+                raise InvalidInput("an anchor root is 32 bytes")
+            if not isinstance(tx_hash, str):
+                raise InvalidInput("an anchor's transaction hash is a string")
+            if type(tree_size) is not int or not 0 <= tree_size <= size:
+                raise InvalidInput("an anchor's tree size must be within the log")
+            if type(block_number) is not int or block_number < 0:
+                raise InvalidInput("a block number is a non-negative integer")
+            rows.append((tree_size, bytes(root), kind, tx_hash, block_number, self._clock()))
+        if not rows:
+            return []
+        cur = self._aux_write_many(
+            "INSERT INTO anchors(tree_size, root, kind, tx_hash, block_number, status, created_ms) "
+            "VALUES (?, ?, ?, ?, ?, 'confirmed', ?)",
+            rows,
+        )
+        assert cur.lastrowid is not None
+        last = int(cur.lastrowid)
+        return list(range(last - len(rows) + 1, last + 1))
 
     def record_anchor(self, tree_size: int, root: bytes, kind: str, tx_hash: str) -> int:
         """Record a submitted (pending) anchor transaction; returns its ``idx``."""

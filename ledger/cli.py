@@ -39,7 +39,16 @@ def cmd_devnet(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from ledger.service import serve
 
-    serve(_workdir(args), host=args.host, port=args.port)
+    from ledger.gateway import GatewayConfig
+
+    config = GatewayConfig(
+        anchor_mode=args.anchor_mode,
+        anchor_delay=args.anchor_delay,
+        anchor_batch=args.anchor_batch,
+        max_staleness=args.max_staleness,
+        poll_interval=args.poll_interval,
+    )
+    serve(_workdir(args), host=args.host, port=args.port, config=config)
     return 0
 
 
@@ -203,6 +212,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--port", type=int, default=0, help="0 picks a free port (printed and written to devnet.json)"
     )
+    s.add_argument(
+        "--anchor-mode",
+        choices=["tree", "event"],
+        default="tree",
+        help="batched tree heads, or one tx per event",
+    )
+    s.add_argument(
+        "--anchor-delay",
+        type=float,
+        default=0.5,
+        help="max seconds an event waits before its batch is anchored",
+    )
+    s.add_argument(
+        "--anchor-batch", type=int, default=100_000, help="anchor as soon as this many events are pending"
+    )
+    s.add_argument(
+        "--max-staleness", type=float, default=2.0, help="max age (s) of the chain state a decision uses"
+    )
+    s.add_argument("--poll-interval", type=float, default=0.25, help="seconds between chain event polls")
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("demo", help="the end-to-end story through the HTTP API")

@@ -16,6 +16,7 @@ import httpx
 from devnet.anvil import pid_is, stop_pid
 from devnet.manager import devnet_file, load
 from ledger.errors import DevnetError
+from ledger.gateway import GatewayConfig
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -36,7 +37,7 @@ def _record_service(workdir: Path, pid: int | None, url: str | None) -> None:
     tmp.replace(path)
 
 
-def serve(workdir: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+def serve(workdir: Path, host: str = "127.0.0.1", port: int = 0, config: GatewayConfig | None = None) -> None:
     """Run the gateway in the foreground until interrupted."""
     import uvicorn
 
@@ -50,7 +51,9 @@ def serve(workdir: Path, host: str = "127.0.0.1", port: int = 0) -> None:
     print(f"medledger gateway listening on {url}", flush=True)
     try:
         # access_log off: request paths carry DICOM UIDs, which are kept out of logs.
-        uvicorn.run(create_app(workdir), host=host, port=chosen, log_level="warning", access_log=False)
+        uvicorn.run(
+            create_app(workdir, config), host=host, port=chosen, log_level="warning", access_log=False
+        )
     finally:
         data = json.loads(devnet_file(workdir).read_text())
         if (data.get("gateway_service") or {}).get("pid") == os.getpid():
@@ -72,15 +75,20 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start_detached(workdir: Path, timeout: float = 120.0) -> tuple[int, str]:
-    """Start `medledger serve` detached; wait until healthy. Returns (pid, url)."""
+def start_detached(
+    workdir: Path, timeout: float = 120.0, extra_args: list[str] | None = None
+) -> tuple[int, str]:
+    """Start `medledger serve` detached; wait until healthy. Returns (pid, url).
+
+    `extra_args` are further `serve` options, e.g. ``["--anchor-delay", "30"]``.
+    """
     log_path = workdir / "gateway" / "service.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     exe = Path(sys.executable).with_name("medledger")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ledger.cli"]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [*cmd, "serve", "--workdir", str(workdir)],
+            [*cmd, "serve", "--workdir", str(workdir), *(extra_args or [])],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

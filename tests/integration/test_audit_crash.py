@@ -28,7 +28,7 @@ from ledger.audit_log import AuditLog
 from ledger.chain import ChainClient
 from ledger.client import GatewayClient
 from ledger.keyfiles import read_key
-from ledger.service import start_detached
+from ledger.service import start_detached, stop_service
 from tests.integration.actors import add_member
 from tests.integration.audit_support import OwnStack, export, own_stack, read_lines, verify, wait_anchored
 
@@ -61,7 +61,13 @@ def crash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crash]:
 
 def _load_and_kill(c: Crash, tag: str, count: int = 150) -> list[str]:
     """Signed requests from a thread until `count` responses came back, then SIGKILL the
-    gateway. Returns the patientRefs of every request whose response came back."""
+    gateway. Returns the patientRefs of every request whose response came back.
+
+    The gateway under load runs with a long anchor delay, so events are certainly pending
+    (unanchored) when it is killed: the crash hits the window this test is about.
+    """
+    stop_service(c.st.workdir, c.st.pid)
+    c.st.pid, c.st.url = start_detached(c.st.workdir, extra_args=["--anchor-delay", "120"])
     acknowledged: list[str] = []
 
     def load() -> None:
