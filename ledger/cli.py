@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from ledger.errors import MedLedgerError
 
@@ -37,9 +36,8 @@ def cmd_devnet(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ledger.service import serve
-
     from ledger.gateway import GatewayConfig
+    from ledger.service import serve
 
     config = GatewayConfig(
         anchor_mode=args.anchor_mode,
