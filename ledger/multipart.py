@@ -73,7 +73,10 @@ _PARAM_RE: Final = re.compile(
 )
 _QUOTED_PAIR_RE: Final = re.compile(r"\\(.)")
 # RFC 2046 5.1.1: bchars := bcharsnospace / " "
-_BCHARS_RE: Final = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+# RFC 2046 caps boundaries at 70 characters, but real senders exceed it (Orthanc 1.7's DICOMweb
+# plugin sends 73); accept up to MAX_BOUNDARY so they interoperate, and never emit more than 70.
+MAX_BOUNDARY: Final = 200
+_BCHARS_RE: Final = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,%d}[0-9A-Za-z'()+_,\-./:=?]" % (MAX_BOUNDARY - 1))
 
 
 def parse_content_type(header: str) -> tuple[str, dict[str, str]]:
@@ -113,10 +116,10 @@ def parse_content_type(header: str) -> tuple[str, dict[str, str]]:
 
 
 def validate_boundary(boundary: str) -> str:
-    """Return ``boundary`` if it is a legal RFC 2046 boundary (1-70 bchars, not ending in a
-    space), else raise :class:`InvalidInput`."""
+    """Return ``boundary`` if it is an RFC 2046 boundary (bchars, not ending in a space; up to
+    MAX_BOUNDARY long, more than RFC 2046's 70, for real senders), else raise :class:`InvalidInput`."""
     if not isinstance(boundary, str) or _BCHARS_RE.fullmatch(boundary) is None:
-        raise InvalidInput("multipart boundary is not 1-70 RFC 2046 characters")
+        raise InvalidInput(f"multipart boundary is not 1-{MAX_BOUNDARY} RFC 2046 characters")
     return boundary
 
 

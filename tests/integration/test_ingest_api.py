@@ -6,7 +6,10 @@ audit event. The expected outcome of each file is the literal table in tests/uni
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from eth_account import Account
 from ledger.client import GatewayClient
 from ledger.demo import _ensure_member
 from ledger.keyfiles import read_key
+from tests.integration.audit_support import own_stack
 from tests.unit.test_dicom_ingest import TEST_FILES, TEST_FILES_DIR
 
 pytestmark = pytest.mark.integration
@@ -36,18 +40,33 @@ def _instances(workdir: Path) -> int:
         db.close()
 
 
+@dataclass
+class IngestStack:
+    workdir: Path
+    url: str
+    ipfs_api: str
+
+
 @pytest.fixture(scope="module")
-def uploader(stack) -> tuple[GatewayClient, GatewayClient]:  # type: ignore[no-untyped-def]
-    admins = [
-        GatewayClient(stack.url, read_key(Path(a["key_file"])).key) for a in stack.devnet.data["admins"]
-    ]
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IngestStack]:
+    """A devnet and gateway of this module only: other tests upload the same SOP Instance UIDs."""
+    with own_stack(tmp_path_factory.mktemp("ingest") / "net") as st:
+        yield IngestStack(st.workdir, st.url, str(st.data["ipfs_api"]))
+
+
+@pytest.fixture(scope="module")
+def uploader(stack: IngestStack) -> tuple[GatewayClient, GatewayClient]:
+    data = json.loads((stack.workdir / "devnet.json").read_text())
+    admins = [GatewayClient(stack.url, read_key(Path(a["key_file"])).key) for a in data["admins"]]
     h, aud = Account.create(), Account.create()
     _ensure_member(admins, h.address, "hospital", "Ingest Test Hospital")
     _ensure_member(admins, aud.address, "auditor", "Ingest Test Auditor")
     return GatewayClient(stack.url, h.key), GatewayClient(stack.url, aud.key)
 
 
-def test_every_pydicom_file_through_the_api(uploader, stack) -> None:  # type: ignore[no-untyped-def]
+def test_every_pydicom_file_through_the_api(
+    uploader: tuple[GatewayClient, GatewayClient], stack: IngestStack
+) -> None:
     hospital, auditor = uploader
     stored_sops: dict[str, bytes] = {}
     study_patient: dict[str, str] = {}
@@ -55,7 +74,7 @@ def test_every_pydicom_file_through_the_api(uploader, stack) -> None:  # type: i
     for name in sorted(TEST_FILES):
         data = (TEST_FILES_DIR / name).read_bytes()
         expected = TEST_FILES[name]
-        pins, rows = _pins(stack.devnet.ipfs_api), _instances(stack.workdir)
+        pins, rows = _pins(stack.ipfs_api), _instances(stack.workdir)
         status, body = hospital.stow([data])
         if expected == "accept":
             ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
@@ -75,7 +94,7 @@ def test_every_pydicom_file_through_the_api(uploader, stack) -> None:  # type: i
             assert status == 409, (name, status, body)
             comment = body["00081198"]["Value"][0]["00000902"]["Value"][0]
             assert comment.startswith(expected + ":"), (name, comment)
-            assert _pins(stack.devnet.ipfs_api) == pins, f"{name}: a rejected upload left a pin"
+            assert _pins(stack.ipfs_api) == pins, f"{name}: a rejected upload left a pin"
             assert _instances(stack.workdir) == rows, f"{name}: a rejected upload left a catalog row"
             expected_rejections[expected] = expected_rejections.get(expected, 0) + 1
 
@@ -93,7 +112,9 @@ def test_every_pydicom_file_through_the_api(uploader, stack) -> None:  # type: i
     assert sum(expected_rejections.values()) >= 30
 
 
-def test_rejected_upload_leaves_no_block_pinned(uploader, stack) -> None:  # type: ignore[no-untyped-def]
+def test_rejected_upload_leaves_no_block_pinned(
+    uploader: tuple[GatewayClient, GatewayClient], stack: IngestStack
+) -> None:
     """A garbage part and a valid part in one STOW: 202, only the valid one stored."""
     from ledger.ipfs import KuboClient
 
@@ -108,7 +129,7 @@ def test_rejected_upload_leaves_no_block_pinned(uploader, stack) -> None:  # typ
     assert len(body["00081199"]["Value"]) == 1 and len(body["00081198"]["Value"]) == 1
 
     async def pinned() -> bool:
-        async with KuboClient(stack.devnet.ipfs_api) as ipfs:
+        async with KuboClient(stack.ipfs_api) as ipfs:
             return all([await ipfs.pin_ls(c) for c in hospital.last_cids])
 
     assert asyncio.run(pinned())
