@@ -47,7 +47,6 @@ def start_anvil(workdir: Path, *, chain_id: int = DEFAULT_CHAIN_ID, timeout: flo
                 str(chain_dir / "state.json"),
                 "--state-interval",
                 "1",
-                "--preserve-historical-states",
                 "--accounts",
                 "1",
             ],

@@ -45,6 +45,8 @@ def test_up_status_down_restart_keeps_state(tmp_path: Path) -> None:
 
     # state that must survive a restart: a mined block, the deployment, an IPFS object
     code_before = _rpc(data["rpc_url"], "eth_getCode", [data["contracts"]["AccessLedger"], "latest"])
+    logs_before = _rpc(data["rpc_url"], "eth_getLogs", [{"fromBlock": "0x0", "toBlock": "latest"}])
+    assert isinstance(logs_before, list) and logs_before  # the deployment's MemberAdded events
     blocks_before = int(str(_rpc(data["rpc_url"], "eth_blockNumber", [])), 16)
     cid = httpx.post(
         data["ipfs_api"] + "/api/v0/add?cid-version=1&raw-leaves=true&pin=true&quieter=true",
@@ -74,6 +76,8 @@ def test_up_status_down_restart_keeps_state(tmp_path: Path) -> None:
         assert net.contracts == data["contracts"]  # not redeployed
         assert _rpc(net.rpc_url, "eth_getCode", [data["contracts"]["AccessLedger"], "latest"]) == code_before
         assert int(str(_rpc(net.rpc_url, "eth_blockNumber", [])), 16) >= blocks_before
+        # the event history the gateway's index is rebuilt from survives too
+        assert _rpc(net.rpc_url, "eth_getLogs", [{"fromBlock": "0x0", "toBlock": "latest"}]) == logs_before
         got = httpx.post(net.ipfs_api + f"/api/v0/cat?arg={cid}", timeout=10)
         assert got.content == b"ciphertext-like bytes " * 100
     finally:
