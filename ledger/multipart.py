@@ -76,7 +76,7 @@ _QUOTED_PAIR_RE: Final = re.compile(r"\\(.)")
 # RFC 2046 caps boundaries at 70 characters, but real senders exceed it (Orthanc 1.7's DICOMweb
 # plugin sends 73); accept up to MAX_BOUNDARY so they interoperate, and never emit more than 70.
 MAX_BOUNDARY: Final = 200
-_BCHARS_RE: Final = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,%d}[0-9A-Za-z'()+_,\-./:=?]" % (MAX_BOUNDARY - 1))
+_BCHARS_RE: Final = re.compile(rf"[0-9A-Za-z'()+_,\-./:=? ]{{0,{MAX_BOUNDARY - 1}}}[0-9A-Za-z'()+_,\-./:=?]")
 
 
 def parse_content_type(header: str) -> tuple[str, dict[str, str]]:
