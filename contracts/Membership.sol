@@ -65,6 +65,7 @@ contract Membership is EIP712 {
     mapping(address key => bytes32 memberId) private _idOfKey;
     mapping(uint256 proposalId => Proposal) private _proposals;
     mapping(uint256 proposalId => mapping(bytes32 adminId => bool)) private _approved;
+    mapping(uint256 proposalId => bytes32[]) private _approvers;
     mapping(address admin => uint256) public nonces;
 
     /// @notice A member was added.
@@ -243,12 +244,23 @@ contract Membership is EIP712 {
         if (block.timestamp > p.deadline) revert ProposalExpired(proposalId);
         if (_approved[proposalId][adminId]) revert AlreadyApproved(proposalId, adminId);
         _approved[proposalId][adminId] = true;
-        p.approvals += 1;
+        _approvers[proposalId].push(adminId);
+        // Only approvals of admins who are still admins count: removing an admin (or demoting
+        // one) withdraws the approvals it gave to proposals not yet executed.
+        p.approvals = _liveApprovals(proposalId);
         emit ProposalApproved(proposalId, adminId, p.approvals);
         if (p.approvals >= threshold) {
             p.executed = true;
             _execute(p);
             emit ProposalExecuted(proposalId);
+        }
+    }
+
+    function _liveApprovals(uint256 proposalId) private view returns (uint32 live) {
+        bytes32[] storage ids = _approvers[proposalId];
+        for (uint256 i = 0; i < ids.length; i++) {
+            Member storage m = _members[ids[i]];
+            if (m.active && m.role == Role.Admin) live += 1;
         }
     }
 

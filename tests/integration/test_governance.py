@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +17,10 @@ from eth_account import Account
 from devnet.manager import ROLE_IDS
 from ledger.chain import ChainClient
 from ledger.client import GatewayClient, GatewayError
+from ledger.keyfiles import read_key
 from ledger.typed_data import sign_typed
 from tests.integration.actors import add_member, admin_clients, fresh_instances, jbody
+from tests.integration.audit_support import own_stack
 
 pytestmark = pytest.mark.integration
 
@@ -253,3 +256,24 @@ def test_non_admin_cannot_propose(stack, admins) -> None:  # type: ignore[no-unt
     approval = jbody({"signature": hospital.sign("Approve", {"proposalId": 1})})
     _refused(lambda: _post(admins[0], "/governance/proposals/1/approvals", approval), 403, "chain:NotAnAdmin")
     assert not any(m["member_id"] == target for m in admins[0].members())
+
+
+def test_a_removed_admins_approvals_stop_counting(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Own devnet: this test removes a founding admin, which the shared stack must keep."""
+
+    with own_stack(tmp_path_factory.mktemp("gov") / "net") as st:
+        a1, a2, a3 = (GatewayClient(st.url, read_key(Path(a["key_file"])).key) for a in st.data["admins"])
+        a1_id = st.data["admins"][0]["member_id"]
+        newcomer = Account.create()
+        pending = a1.propose(
+            "add", "0x" + secrets.token_bytes(32).hex(), key=newcomer.address, role="hospital", name="Pending"
+        )
+        assert not pending["executed"]  # 1 of 2
+        removal = a2.propose("remove", a1_id)
+        assert a3.approve(int(removal["proposal_id"]))["executed"]  # admin 1 is gone
+        # admin 1's approval of the pending proposal no longer counts: a2's is only the first live one
+        assert not a2.approve(int(pending["proposal_id"]))["executed"]
+        assert a3.approve(int(pending["proposal_id"]))["executed"]
+        assert any(m["key"] == newcomer.address and m["active"] for m in a2.members())
+        for c in (a1, a2, a3):
+            c.close()
