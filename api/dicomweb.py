@@ -28,13 +28,19 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api.auth import Signed, member
 from ledger.catalog import StoredInstance
 from ledger.errors import InvalidInput, MedLedgerError, NotAcceptable, UnknownInstance, UnsupportedMediaType
 from ledger.gateway import StowOutcome
-from ledger.multipart import build_multipart_related, parse_content_type, parse_multipart_related_bytes
+from ledger.multipart import (
+    aiter_multipart_related,
+    build_multipart_related,
+    parse_content_type,
+    parse_multipart_related_bytes,
+)
+from ledger.research import RESEARCH_PURPOSE
 from ledger.wado import Plan, bulk_parts, metadata_json, negotiate, negotiate_json, parse_accept, transcode
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
@@ -176,6 +182,10 @@ async def _retrieve_dicom(signed: Signed, request: Request, rows: list[StoredIns
     except NotAcceptable as err:
         _authorize_or(signed, request, rows, err)
         raise
+    if _purpose(request) != RESEARCH_PURPOSE and all(
+        r.transfer_syntax_uid == ts for r, ts in zip(rows, plan.targets, strict=True)
+    ):
+        return await _stream_dicom(signed, request, rows, plan)
     datas = await _read(signed, request, rows)
     parts = await asyncio.to_thread(
         lambda: [
@@ -192,6 +202,37 @@ async def _retrieve_dicom(signed: Signed, request: Request, rows: list[StoredIns
         "application/dicom",
     )
     return Response(body, headers={**headers, "Content-Type": ctype})
+
+
+async def _stream_dicom(signed: Signed, request: Request, rows: list[StoredInstance], plan: Plan) -> Response:
+    """The stored bytes, streamed (memory does not grow with the objects' sizes).
+
+    Byte-identical to the buffered response (same framing and Content-Length). The VIEW events
+    are recorded by `Gateway.retrieve_streams` before the response starts; an integrity failure
+    part way records a FAILED event and aborts the connection (see its docstring).
+    """
+    assert signed.caller is not None
+    streams = await signed.gateway.retrieve_streams(
+        signed.caller, signed.ctx, rows, _purpose(request), request.headers.get(BREAK_GLASS_HEADER)
+    )
+    headers = {"X-Request-Id": signed.ctx.request_id}
+    if not plan.multipart:
+        return StreamingResponse(
+            streams[0],
+            headers={
+                **headers,
+                "Content-Type": f"application/dicom; transfer-syntax={plan.targets[0]}",
+                "Content-Length": str(rows[0].size),
+            },
+        )
+    ctype, length, body = aiter_multipart_related(
+        [
+            ({"Content-Type": f"application/dicom; transfer-syntax={ts}"}, r.size, s)
+            for r, ts, s in zip(rows, plan.targets, streams, strict=True)
+        ],
+        "application/dicom",
+    )
+    return StreamingResponse(body, headers={**headers, "Content-Type": ctype, "Content-Length": str(length)})
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}", summary="WADO-RS: retrieve one instance")

@@ -14,6 +14,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from ledger.audit_log import AuditLog
 from ledger.catalog import Catalog, StoredInstance
 from ledger.chain import ChainClient
 from ledger.chain_index import ZERO32, ChainIndex, MemberState
-from ledger.crypto import decrypt_bytes, encrypt_bytes, new_data_key, unwrap_key, wrap_key
+from ledger.crypto import adecrypt_stream, aencrypt_stream, decrypt_bytes, new_data_key, unwrap_key, wrap_key
 from ledger.dicom import DicomInstance, parse_instance
 from ledger.errors import (
     Conflict,
@@ -54,6 +55,7 @@ from ledger.verify import Report, verify_log
 log = logging.getLogger("medledger.gateway")
 
 DEFAULT_MAX_UPLOAD = 512 * 1024 * 1024
+_UPLOAD_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -292,8 +294,23 @@ class Gateway:
             )
         aad = _b32(ctx.object_ref)
         data_key = new_data_key()
-        cipher = await asyncio.to_thread(encrypt_bytes, data, data_key, aad)
-        cid = await self.ipfs.add(cipher)
+        # Encrypted as it is sent to IPFS (STREAM segments), hashed on the way: the ciphertext
+        # is never held whole, next to the plaintext.
+        cipher_hash, cipher_size = hashlib.sha256(), 0
+
+        async def plain_chunks() -> AsyncIterator[bytes]:
+            view = memoryview(data)
+            for start in range(0, len(view), _UPLOAD_CHUNK):
+                yield bytes(view[start : start + _UPLOAD_CHUNK])
+
+        async def cipher_chunks() -> AsyncIterator[bytes]:
+            nonlocal cipher_size
+            async for chunk in aencrypt_stream(plain_chunks(), data_key, aad):
+                cipher_hash.update(chunk)
+                cipher_size += len(chunk)
+                yield chunk
+
+        cid = await self.ipfs.add(cipher_chunks())
         try:
             wrapped = wrap_key(self.keystore.kek, data_key, aad + self.keystore.kek_id.encode())
             row = StoredInstance(
@@ -310,8 +327,8 @@ class Gateway:
                 cid=cid,
                 size=len(data),
                 sha256=inst.sha256,
-                cipher_size=len(cipher),
-                cipher_sha256=hashlib.sha256(cipher).hexdigest(),
+                cipher_size=cipher_size,
+                cipher_sha256=cipher_hash.hexdigest(),
                 wrapped_key=wrapped,
                 kek_id=self.keystore.kek_id,
                 uploaded_ms=int(time.time() * 1000),
@@ -428,6 +445,86 @@ class Gateway:
             await self.record_async(sub, Outcome.OK, **grants[0])
         ctx.recorded = True
         return out
+
+    async def retrieve_streams(
+        self,
+        caller: Caller,
+        ctx: RequestContext,
+        rows: list[StoredInstance],
+        purpose: str,
+        justification: str | None,
+    ) -> list[AsyncIterator[bytes]]:
+        """Streaming :meth:`retrieve` of the stored bytes (no research copies, no transcoding):
+        one lazy iterator of plaintext chunks per row, memory bounded by a few segments.
+
+        Audit contract. The read is authorized and each object's VIEW event is recorded
+        (durably, like every event) here, BEFORE any byte is returned: the caller starts its
+        response only after this returns. The integrity checks of an object (ciphertext size and
+        SHA-256 against the catalog, every STREAM segment tag, plaintext size and SHA-256) can
+        only complete at its end; the last segment is held back until they all pass, so a
+        complete object is never delivered unverified. If a check fails (or the store fails)
+        part way, the iterator records a FAILED VIEW event for that object with the error code
+        and raises the error: the HTTP layer has already sent headers, so the connection is
+        aborted and the client sees a truncated body (short of its Content-Length), never a
+        complete one. The OK event then stands for "released after authorization", the FAILED
+        one for "the release did not complete".
+        """
+        if purpose == RESEARCH_PURPOSE:
+            raise ValueError("research reads return de-identified copies; use retrieve()")
+        ctx.action = Action.VIEW
+        grant = self.authorize_read(caller, ctx, rows[0], purpose, justification)
+        keys = [self._data_key(row) for row in rows]  # a bad key fails before the response
+        for row in rows:
+            sub = replace(ctx, object_ref=row.object_ref, recorded=False)
+            await self.record_async(sub, Outcome.OK, **grant)
+        ctx.recorded = True
+        return [self._stream_instance(ctx, row, key, grant) for row, key in zip(rows, keys, strict=True)]
+
+    def _data_key(self, row: StoredInstance) -> bytes:
+        aad = _b32(row.object_ref)
+        return unwrap_key(self.keystore.kek_for(row.kek_id), row.wrapped_key, aad + row.kek_id.encode())
+
+    async def _stream_instance(
+        self, ctx: RequestContext, row: StoredInstance, data_key: bytes, grant: dict[str, Any]
+    ) -> AsyncIterator[bytes]:
+        cipher_hash = hashlib.sha256()
+        plain_hash = hashlib.sha256()
+        cipher_seen = 0
+        plain_seen = 0
+
+        async def cipher() -> AsyncIterator[bytes]:
+            nonlocal cipher_seen
+            async for chunk in self.ipfs.cat(row.cid):
+                cipher_seen += len(chunk)
+                if cipher_seen > row.cipher_size:
+                    raise CorruptObject("the stored object failed its content check (size)")
+                cipher_hash.update(chunk)
+                yield chunk
+
+        segments = adecrypt_stream(cipher(), data_key, _b32(row.object_ref))
+        try:
+            held: bytes | None = None
+            async for segment in segments:
+                if held is not None:
+                    yield held
+                plain_seen += len(segment)
+                if plain_seen > row.size:
+                    raise CorruptObject("the decrypted object failed its content check (size)")
+                plain_hash.update(segment)
+                held = segment
+            if cipher_seen != row.cipher_size or cipher_hash.hexdigest() != row.cipher_sha256:
+                raise CorruptObject("the stored object failed its content check")
+            if plain_seen != row.size or plain_hash.hexdigest() != row.sha256:
+                raise CorruptObject("the decrypted object failed its content check")
+            if held is not None:
+                yield held
+        except MedLedgerError as err:
+            log.warning("a streamed read was aborted (request %s): %s", ctx.request_id, err.code)
+            sub = replace(ctx, object_ref=row.object_ref, recorded=False)
+            await self.record_async(sub, Outcome.FAILED, reason=err.code, **grant)
+            raise
+        finally:
+            await segments.aclose()  # type: ignore[attr-defined]
 
     # ---- research share (HRESCH), WADO-RS addressing, QIDO-RS -------------------------------
     def research_context(self, reader: str, study_uid: str, patient_ref: str) -> ResearchContext:

@@ -47,6 +47,7 @@ __all__ = [
     "DEFAULT_MAX_TOTAL",
     "MultipartParser",
     "Part",
+    "aiter_multipart_related",
     "build_multipart_related",
     "iter_multipart_related",
     "new_boundary",
@@ -485,3 +486,51 @@ def iter_multipart_related(
         yield dash + b"--\r\n"
 
     return header, chunks()
+
+
+def aiter_multipart_related(
+    parts: Iterable[tuple[Mapping[str, str], int, AsyncIterable[bytes]]],
+    content_type: str,
+    *,
+    boundary: str | None = None,
+) -> tuple[str, int, AsyncIterator[bytes]]:
+    """Async streaming variant for parts whose sizes are known in advance (e.g. stored objects).
+
+    ``parts`` are (headers, size, async chunks). Returns (Content-Type header value, exact body
+    length, async iterator of body chunks); the body is byte-for-byte the framing of
+    :func:`build_multipart_related`. Each part's data is scanned for the boundary as it streams
+    (across chunk edges too); a part that contains it, or whose data is not exactly ``size``
+    bytes, raises ``ValueError`` mid-stream (the body is then cut short of its length).
+    """
+    chosen = validate_boundary(boundary) if boundary is not None else new_boundary()
+    header = _header_value(content_type, chosen)
+    token = chosen.encode("ascii")
+    dash = b"--" + token
+    framed = [(_header_block(headers, content_type), size, data) for headers, size, data in parts]
+    if not framed:
+        raise ValueError("a multipart/related body needs at least one part")
+    for head, _, _ in framed:
+        if token in head:
+            raise ValueError("multipart boundary occurs inside a part")
+    length = sum(len(dash) + 2 + len(head) + size + 2 for head, size, _ in framed) + len(dash) + 4
+
+    async def chunks() -> AsyncIterator[bytes]:
+        keep = len(token) - 1
+        for head, size, data in framed:
+            yield dash + b"\r\n" + head
+            tail = b""
+            seen = 0
+            async for chunk in data:
+                seen += len(chunk)
+                if seen > size:
+                    raise ValueError("a multipart part is longer than announced")
+                if token in chunk or token in tail + chunk[:keep]:
+                    raise ValueError("multipart boundary occurs inside a part")
+                tail = (tail + chunk[-keep:])[-keep:]
+                yield chunk
+            if seen != size:
+                raise ValueError("a multipart part is shorter than announced")
+            yield b"\r\n"
+        yield dash + b"--\r\n"
+
+    return header, length, chunks()
