@@ -20,7 +20,8 @@ Hot path (see ``bench/anchoring.py``):
 * The lookup keys are time-bucketed: ``patient_key = (seq >> 16) << 40 | h40(patient_ref)`` (h40:
   40 bits of BLAKE2b), so index inserts land in the newest part of the index instead of all over it
   (a commit dirties a few index pages, not the whole index). A lookup probes one key per bucket
-  (``IN`` list) and re-checks the text column.
+  (``IN`` list) and re-checks the ref in the decoded body. The ``patient_ref``/``study_ref`` text
+  columns are written NULL (they duplicated the body); rows of older files may still hold them.
 * :meth:`AuditLog.append_batch` returns ``(first_seq, size, time_ms)`` without building
   :class:`~ledger.events.AuditEvent` objects.
 
@@ -74,7 +75,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq         INTEGER PRIMARY KEY,
     time_ms     INTEGER NOT NULL,
-    patient_ref TEXT,     -- NULL when the event has none
+    patient_ref TEXT,     -- NULL in new rows (the ref is in the body); older rows may hold it
     study_ref   TEXT,
     patient_key INTEGER,  -- _lookup_key(seq, patient_ref): a compact, time-bucketed index key
     study_key   INTEGER,
@@ -101,23 +102,19 @@ CREATE TABLE IF NOT EXISTS anchors (
 
 
 # One statement per batch: ?1 first seq, ?2 time_ms, ?3 the bodies back to back, ?4 the leaf hashes
-# back to back, ?5 a JSON array with one [patient_ref, study_ref, h40(patient_ref), h40(study_ref),
-# body offset (1-based), body length] per event (null refs and hashes for empty refs).
+# back to back, ?5 a JSON array with one [h40(patient_ref), h40(study_ref), body offset (1-based),
+# body length] per event (null hashes for empty refs). Only numbers go through JSON: the ref text
+# columns stay NULL (the refs are in the body; lookups re-check the decoded body), which saves
+# SQLite ~130 bytes of row and two json_extract calls per event, and Python the ref escaping.
 _INSERT_BATCH: Final = f"""
-INSERT INTO events(seq, time_ms, patient_ref, study_ref, patient_key, study_key, body, leaf)
+INSERT INTO events(seq, time_ms, patient_key, study_key, body, leaf)
 SELECT ?1 + j.key, ?2,
-       json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'),
-       (((?1 + j.key) >> {_BUCKET_BITS}) << {_HASH_BITS}) | json_extract(j.value, '$[2]'),
-       (((?1 + j.key) >> {_BUCKET_BITS}) << {_HASH_BITS}) | json_extract(j.value, '$[3]'),
-       substr(?3, json_extract(j.value, '$[4]'), json_extract(j.value, '$[5]')),
+       (((?1 + j.key) >> {_BUCKET_BITS}) << {_HASH_BITS}) | json_extract(j.value, '$[0]'),
+       (((?1 + j.key) >> {_BUCKET_BITS}) << {_HASH_BITS}) | json_extract(j.value, '$[1]'),
+       substr(?3, json_extract(j.value, '$[2]'), json_extract(j.value, '$[3]')),
        substr(?4, 32 * j.key + 1, 32)
 FROM json_each(?5) AS j ORDER BY j.key
 """
-
-_INSERT_ROW: Final = (
-    "INSERT INTO events(seq, time_ms, patient_ref, study_ref, patient_key, study_key, body, leaf) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
 
 # Schema 1 -> 2: rebase the lookup keys (their low 40 bits are kept, the bucket goes on top).
 _MIGRATE_1_TO_2: Final = (
@@ -216,7 +213,7 @@ class _Prepared:
         self.values = values  # the draft's values in sorted key order (_SORTED_FIELDS)
         self.head = head  # b'{"action":...,"request_id":...,"seq":'
         self.study = study  # b'"<study_ref>"', JSON-encoded
-        self.meta = meta  # '[patient_ref, study_ref, h40, h40,' as JSON for _INSERT_BATCH
+        self.meta = meta  # '[h40(patient_ref),h40(study_ref),' as JSON for _INSERT_BATCH
 
     def body(self, seq: int, time_ms: int) -> bytes:
         return _BODY_FORMAT % (self.head, seq, self.study, time_ms)
@@ -242,13 +239,9 @@ def _validate(values: dict[str, Any]) -> None:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _meta(patient_ref: str, study_ref: str) -> str:
-    """The row's part of the JSON argument of _INSERT_BATCH: '[patient_ref,study_ref,h40,h40,'."""
+    """The row's part of the JSON argument of _INSERT_BATCH: '[h40,h40,' (null for "")."""
     ph, sh = _ref_hash(patient_ref), _ref_hash(study_ref)
-    return (
-        f"[{'null' if ph is None else _encode_str(patient_ref)},"
-        f"{'null' if sh is None else _encode_str(study_ref)},"
-        f"{'null' if ph is None else ph},{'null' if sh is None else sh},"
-    )
+    return f"[{'null' if ph is None else ph},{'null' if sh is None else sh},"
 
 
 def _prepare(draft: EventDraft) -> _Prepared:
@@ -394,28 +387,6 @@ class _Encoded:
             ]
         )
         self.params = (next_seq, time_ms, b"".join(bodies), b"".join(self.leaves), f"[{meta}]")
-
-    def rows(self) -> list[tuple[Any, ...]]:
-        """Row tuples for a plain INSERT (the fallback when SQLite's JSON functions cannot carry a
-        ref: they cut text at U+0000)."""
-        p, s = _SORTED_FIELDS.index("patient_ref"), _SORTED_FIELDS.index("study_ref")
-        out = []
-        for offset, (item, leaf) in enumerate(zip(self.items, self.leaves, strict=True)):
-            seq = self.next_seq + offset
-            patient_ref, study_ref = _plain(item.values[p]), _plain(item.values[s])
-            out.append(
-                (
-                    seq,
-                    self.time_ms,
-                    patient_ref or None,
-                    study_ref or None,
-                    _lookup_key(seq, patient_ref),
-                    _lookup_key(seq, study_ref),
-                    item.body(seq, self.time_ms),
-                    leaf,
-                )
-            )
-        return out
 
     def results(self) -> list[tuple[int, int]]:
         out, seq = [], self.next_seq
@@ -665,11 +636,8 @@ class AuditLog:
                 encoded = _Encoded(encoded.requests, next_seq, max(self._clock(), last_time))
                 with self._state_lock:
                     self._resync = (next_seq + encoded.count, encoded.time_ms)
-            if "\\u0000" not in encoded.params[4]:
-                # One statement for the batch: SQLite runs it in C with the GIL released.
-                cur = conn.execute(_INSERT_BATCH, encoded.params)
-            else:  # a ref holds U+0000 (or the text "\u0000"), which json_extract would cut
-                cur = conn.executemany(_INSERT_ROW, encoded.rows())
+            # One statement for the batch: SQLite runs it in C with the GIL released.
+            cur = conn.execute(_INSERT_BATCH, encoded.params)
             if cur.rowcount != encoded.count:
                 raise StoreUnavailable("audit log write inserted a wrong number of rows")
             # Leaves another writer committed since we last looked, read while we hold the lock.
@@ -775,14 +743,17 @@ class AuditLog:
             size = conn.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM events").fetchone()[0]
             keys = [(bucket << _HASH_BITS) | h for bucket in range(((size - 1) >> _BUCKET_BITS) + 1)]
             out: list[AuditEvent] = []
+            field = f"{column}_ref"
             for lo in range(0, len(keys), _IN_CHUNK):  # buckets ascend, so seqs do across chunks
                 chunk = keys[lo : lo + _IN_CHUNK]
                 cur = conn.execute(
                     f"SELECT body FROM events WHERE {column}_key IN ({','.join('?' * len(chunk))}) "
-                    f"AND {column}_ref = ? ORDER BY seq",
-                    (*chunk, ref),
+                    "ORDER BY seq",
+                    chunk,
                 )
-                out.extend(_event_from_body(body) for (body,) in cur)
+                # The key holds 40 bits of the ref's hash: re-check the ref in the body itself.
+                events = map(_event_from_body, (body for (body,) in cur))
+                out.extend(event for event in events if getattr(event, field) == ref)
         finally:
             conn.execute("COMMIT")
         return out
@@ -868,14 +839,15 @@ class AuditLog:
                     ) from None
                 if canonical_bytes(event) != body:
                     raise AuditLogCorrupt(f"event {seq}: body is not in canonical form")
-                columns = (seq, time_ms, patient_ref, study_ref, patient_key, study_key)
+                columns = (seq, time_ms, patient_key, study_key)
                 if columns != (
                     event.seq,
                     event.time_ms,
-                    event.patient_ref or None,
-                    event.study_ref or None,
                     _lookup_key(event.seq, event.patient_ref),
                     _lookup_key(event.seq, event.study_ref),
+                ) or (  # ref columns: NULL, or (rows written before they were dropped) the body's ref
+                    patient_ref not in (None, event.patient_ref or None)
+                    or study_ref not in (None, event.study_ref or None)
                 ):
                     raise AuditLogCorrupt(f"event {seq}: row columns disagree with its body")
                 if time_ms < last_time:
