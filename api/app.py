@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import dicomweb, errors, routes
@@ -62,15 +63,20 @@ def create_app(workdir: Path, config: GatewayConfig | None = None) -> FastAPI:
     app.add_middleware(RequestIdHeader)
 
     @app.get("/health", tags=["service"])
-    async def health(request: Request) -> dict[str, Any]:
+    async def health(request: Request) -> JSONResponse:
+        """200 "ok" when decisions use fresh chain state and the log anchors; else 503 "degraded"."""
         gw: Gateway = request.app.state.gateway
-        return {
-            "status": "ok",
-            "index_staleness_seconds": round(gw.index.staleness(), 3),
+        staleness = gw.index.staleness()
+        degraded = staleness > gw.config.max_staleness or gw.anchorer.diverged
+        body = {
+            "status": "degraded" if degraded else "ok",
+            "index_staleness_seconds": round(staleness, 3),
+            "max_staleness_seconds": gw.config.max_staleness,
             "log_size": gw.audit.size(),
             "anchored": gw.anchorer.anchored_size,
             "anchor_error": gw.anchorer.last_error,
         }
+        return JSONResponse(body, status_code=503 if degraded else 200)
 
     @app.get("/info", tags=["service"])
     async def info(request: Request) -> dict[str, Any]:

@@ -11,7 +11,10 @@ from fastapi import Request
 
 from ledger.errors import PayloadTooLarge
 from ledger.gateway import Caller, Gateway, RequestContext
-from ledger.reqsig import verify_request
+from ledger.reqsig import precheck_headers, verify_request
+
+# Every endpoint but STOW-RS takes small JSON bodies (or none).
+JSON_BODY_LIMIT = 1024 * 1024
 
 
 @dataclass
@@ -43,8 +46,10 @@ async def authenticate(request: Request) -> Signed:
     gateway: Gateway = request.app.state.gateway
     ctx = RequestContext()
     request.state.ctx = ctx
-    body = await read_body(request, gateway.config.max_upload_bytes)
     headers = {k.lower(): v for k, v in request.headers.items()}
+    precheck_headers(headers)  # before reading any body: unsigned or stale requests buffer nothing
+    is_upload = request.method == "POST" and request.url.path.rstrip("/") == "/dicomweb/studies"
+    body = await read_body(request, gateway.config.max_upload_bytes if is_upload else JSON_BODY_LIMIT)
     verified = verify_request(
         gateway.request_domain,
         request.method,

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ledger.errors import InvalidInput, MedLedgerError, NotFound
 
@@ -63,7 +64,41 @@ def install(app: FastAPI) -> None:
         fields = ", ".join(".".join(str(p) for p in e.get("loc", ())) for e in exc.errors()[:5])
         return error_response(request, InvalidInput(f"invalid request fields: {fields}"))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error (request %s): %s", _context(request).request_id, type(exc).__name__)
-        return error_response(request, MedLedgerError("internal error; the request was not completed"))
+    app.add_middleware(CatchAll)
+
+
+class CatchAll:
+    """Turns an unexpected exception into a PHI-free 500, recorded like any refusal.
+
+    A pure ASGI middleware inside Starlette's ServerErrorMiddleware: that one would re-raise
+    after answering, so the server would log a traceback (with argument values) and drop the
+    keep-alive connection. Once a response has started (a stream failing midway) there is
+    nothing left to answer: the exception propagates and the connection is aborted.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            request = Request(scope)
+            log.error("internal error (request %s): %s", _context(request).request_id, type(exc).__name__)
+            response = error_response(
+                request, MedLedgerError("internal error; the request was not completed")
+            )
+            await response(scope, receive, send)

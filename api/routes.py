@@ -18,6 +18,8 @@ M = TypeVar("M", bound=BaseModel)
 HEX32 = r"^0x[0-9a-fA-F]{64}$"
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
 SIG = r"^0x[0-9a-fA-F]{130}$"
+U64 = 2**64  # the contracts' uint64 fields (times, values)
+U256 = 2**256  # uint256 fields (nonces)
 
 
 def parse(model: type[M], body: bytes) -> M:
@@ -35,7 +37,7 @@ class PatientLookup(BaseModel):
 
 class Enrollment(BaseModel):
     patient_key: str = Field(pattern=ADDRESS)
-    deadline: int
+    deadline: int = Field(ge=0, lt=U64)
     signature: str = Field(pattern=SIG)
 
 
@@ -43,27 +45,27 @@ class GrantBody(BaseModel):
     grantee: str = Field(pattern=HEX32)
     study_ref: str | None = Field(default=None, pattern=HEX32)
     purposes: list[str] = Field(min_length=1)
-    not_before: int
-    not_after: int
-    nonce: int
+    not_before: int = Field(ge=0, lt=U64)
+    not_after: int = Field(ge=0, lt=U64)
+    nonce: int = Field(ge=0, lt=U256)
     signature: str = Field(pattern=SIG)
 
 
 class KeyRotationBody(BaseModel):
     new_key: str = Field(pattern=ADDRESS)
-    nonce: int = Field(ge=0)
+    nonce: int = Field(ge=0, lt=U256)
     signature: str = Field(pattern=SIG)
 
 
 class DelegateBody(BaseModel):
     delegate: str = Field(pattern=ADDRESS)
-    until: int = Field(ge=0, lt=2**64)  # unix seconds; 0 (or any past time) removes the delegate
-    nonce: int = Field(ge=0)
+    until: int = Field(ge=0, lt=U64)  # unix seconds; 0 (or any past time) removes the delegate
+    nonce: int = Field(ge=0, lt=U256)
     signature: str = Field(pattern=SIG)
 
 
 class RevokeBody(BaseModel):
-    nonce: int
+    nonce: int = Field(ge=0, lt=U256)
     signature: str = Field(pattern=SIG)
 
 
@@ -79,9 +81,9 @@ class ProposeBody(BaseModel):
     key: str | None = Field(default=None, pattern=ADDRESS)
     role: str = "none"
     name: str = Field(default="", max_length=128)
-    value: int = 0
-    deadline: int
-    nonce: int
+    value: int = Field(default=0, ge=0, lt=U64)
+    deadline: int = Field(ge=0, lt=U64)
+    nonce: int = Field(ge=0, lt=U256)
     signature: str = Field(pattern=SIG)
 
 
@@ -200,6 +202,8 @@ async def set_delegate(patient_ref: str, signed: Signed = Depends(patient)) -> d
 )
 async def revoke(patient_ref: str, consent_id: int, signed: Signed = Depends(patient)) -> dict[str, Any]:
     body = parse(RevokeBody, signed.body)
+    if not 0 < consent_id < U256:
+        raise InvalidInput("consent ids are positive integers", code="unknown_consent")
     c = signed.gateway.index.consents.get(consent_id)
     if c is None or c.patient_ref != patient_ref.lower():
         raise InvalidInput("no such consent for this patient", code="unknown_consent")
@@ -233,6 +237,8 @@ async def verify(signed: Signed = Depends(member("auditor"))) -> JSONResponse:
     "/audit/events", tags=["audit"], summary="The audit log as JSON lines (from_seq: from that event on)"
 )
 async def events(from_seq: int = 0, signed: Signed = Depends(member("auditor"))) -> Response:
+    if not 0 <= from_seq < 2**63:
+        raise InvalidInput("from_seq must be a non-negative sequence number")
     rows = await asyncio.to_thread(signed.gateway.export_events, _caller(signed), signed.ctx, from_seq)
     import json
 
@@ -280,6 +286,8 @@ async def propose(signed: Signed = Depends(member("admin"))) -> dict[str, Any]:
 )
 async def approve(proposal_id: int, signed: Signed = Depends(member("admin"))) -> dict[str, Any]:
     body = parse(ApproveBody, signed.body)
+    if not 0 < proposal_id < U256:
+        raise InvalidInput("proposal ids are positive integers")
     return await asyncio.to_thread(
         signed.gateway.approve, _caller(signed), signed.ctx, proposal_id, body.signature
     )
@@ -287,8 +295,12 @@ async def approve(proposal_id: int, signed: Signed = Depends(member("admin"))) -
 
 @router.get("/governance/nonces/{address}", tags=["governance"], summary="An admin's next proposal nonce")
 async def admin_nonce(address: str, signed: Signed = Depends(member("admin"))) -> dict[str, Any]:
+    import re
+
     from eth_utils import to_checksum_address
 
+    if re.fullmatch(ADDRESS, address) is None:
+        raise InvalidInput("the address must be 0x followed by 40 hex digits")
     c = signed.gateway.chain.contract("Membership")
     nonce = await asyncio.to_thread(lambda: int(c.functions.nonces(to_checksum_address(address)).call()))
     return {"address": address, "nonce": nonce}

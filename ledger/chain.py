@@ -23,9 +23,15 @@ from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
-from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted
+from web3.exceptions import (
+    ContractCustomError,
+    ContractLogicError,
+    MismatchedABI,
+    TimeExhausted,
+    Web3ValidationError,
+)
 
-from ledger.errors import ChainError
+from ledger.errors import ChainError, InvalidInput
 
 CONTRACT_NAMES = ("Membership", "Consent", "AccessLedger")
 
@@ -243,7 +249,10 @@ class ChainClient:
         """
         account = self._require_account()
         assert self._nonces is not None
-        fn = getattr(self.contract(contract).functions, function)(*args)
+        try:
+            fn = getattr(self.contract(contract).functions, function)(*args)
+        except (Web3ValidationError, MismatchedABI, ValueError, TypeError, OverflowError) as exc:
+            raise InvalidInput(f"a value does not fit the contract's {function} call") from exc
         if preflight:
             try:
                 fn.call({"from": account.address}, block_identifier="pending")

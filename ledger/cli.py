@@ -100,6 +100,17 @@ def cmd_edge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _strict_dicom_check(path: Path) -> str | None:
+    """The gateway's ingest validation (ledger.dicom): None if valid, else the reason code."""
+    from ledger.dicom import parse_instance
+
+    try:
+        parse_instance(path.read_bytes())
+    except MedLedgerError as err:
+        return err.code
+    return None
+
+
 def cmd_deid(args: argparse.Namespace) -> int:
     from ledger.deid import DeidContext, DeidError, DeidOption, deidentify_file, deidentify_tree
 
@@ -117,11 +128,15 @@ def cmd_deid(args: argparse.Namespace) -> int:
         return 2
     try:
         if src.is_file():
+            reason = _strict_dicom_check(src)
+            if reason is not None:
+                print(f"medledger: {src} is not a valid DICOM object: {reason}", file=sys.stderr)
+                return 1
             out = dst / src.name if dst.is_dir() else dst
             deidentify_file(src, out, options, DeidContext())
             print(json.dumps({"written": [str(out)], "skipped": []}))
             return 0
-        report = deidentify_tree(src, dst, options)
+        report = deidentify_tree(src, dst, options, validate=_strict_dicom_check)
     except (DeidError, ValueError) as err:
         print(f"medledger: {err}", file=sys.stderr)
         return 1
@@ -308,11 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     except MedLedgerError as err:
         print(f"medledger: {err.message} [{err.code}]", file=sys.stderr)
         return 1
-    except (FileNotFoundError, PermissionError) as err:
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
         print(f"medledger: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # no tracebacks for users: name the failure and exit non-zero
+        print(f"medledger: {type(err).__name__}: {str(err)[:300]}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

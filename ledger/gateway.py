@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -18,6 +19,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from web3.logs import DISCARD
 
 from devnet.manager import Devnet
 from ledger.anchorer import Anchorer, read_chain_anchors
@@ -111,6 +114,11 @@ class Gateway:
         self.keystore = KeyStore.open_or_create(state / "keystore.json")
         self.catalog = Catalog(state / "catalog.sqlite")
         self.audit = AuditLog(state / "audit.sqlite")
+        # The catalog holds QIDO attributes and break-glass justifications: owner only.
+        os.chmod(state, 0o700)
+        for f in state.iterdir():
+            if f.is_file():
+                os.chmod(f, 0o600)
         gateway_key = read_key(Path(devnet.data["gateway"]["key_file"]))
         self.chain = ChainClient(devnet.rpc_url, devnet.abis(), devnet.contracts, gateway_key)
         self.member_id = str(devnet.data["gateway"]["member_id"])
@@ -780,7 +788,7 @@ class Gateway:
         )
         receipt = self.chain.transact("Consent", "grant", args, _b32(signature))
         self.index.apply_receipt(receipt)
-        ev = self.chain.contract("Consent").events.ConsentGranted().process_receipt(receipt)
+        ev = self.chain.contract("Consent").events.ConsentGranted().process_receipt(receipt, errors=DISCARD)
         consent_id = int(ev[0]["args"]["consentId"])
         self.record(ctx, Outcome.OK, consent_id=str(consent_id), consent_version=1)
         return {
@@ -1007,8 +1015,10 @@ class Gateway:
         )
         self.index.apply_receipt(receipt)
         c = self.chain.contract("Membership")
-        pid = int(c.events.ProposalCreated().process_receipt(receipt)[0]["args"]["proposalId"])
-        executed = bool(c.events.ProposalExecuted().process_receipt(receipt))
+        pid = int(
+            c.events.ProposalCreated().process_receipt(receipt, errors=DISCARD)[0]["args"]["proposalId"]
+        )
+        executed = bool(c.events.ProposalExecuted().process_receipt(receipt, errors=DISCARD))
         self.record(ctx, Outcome.OK)
         return {"proposal_id": pid, "executed": executed}
 
@@ -1019,7 +1029,7 @@ class Gateway:
         receipt = self.chain.transact("Membership", "approve", proposal_id, _b32(signature))
         self.index.apply_receipt(receipt)
         c = self.chain.contract("Membership")
-        executed = bool(c.events.ProposalExecuted().process_receipt(receipt))
+        executed = bool(c.events.ProposalExecuted().process_receipt(receipt, errors=DISCARD))
         self.record(ctx, Outcome.OK)
         return {"proposal_id": proposal_id, "executed": executed}
 

@@ -157,6 +157,32 @@ def _hex_header(headers: dict[str, str], name: str, size: int) -> bytes:
     return value
 
 
+def precheck_headers(
+    headers: dict[str, str], *, now: float | None = None, max_skew: int = MAX_SKEW_S
+) -> None:
+    """The checks that need no body: signature headers present and well-formed, timestamp fresh.
+
+    The gateway runs these before it reads a request body, so an unsigned or stale request
+    cannot make it buffer a large body.
+    """
+    from ledger.errors import RequestExpired
+
+    if HEADER_SIGNATURE not in headers:
+        raise MissingSignature("the request is not signed (X-MedLedger-Signature missing)")
+    for name in (HEADER_TIMESTAMP, HEADER_NONCE):
+        if name not in headers:
+            raise MissingSignature(f"header {name} is missing")
+    try:
+        ts = int(headers[HEADER_TIMESTAMP])
+    except ValueError as exc:
+        raise AuthenticationFailed("X-MedLedger-Timestamp must be unix seconds") from exc
+    current = time.time() if now is None else now
+    if abs(current - ts) > max_skew:
+        raise RequestExpired(f"request timestamp is outside the accepted window of {max_skew}s")
+    _hex_header(headers, HEADER_NONCE, 32)
+    _hex_header(headers, HEADER_SIGNATURE, 65)
+
+
 def verify_request(
     separator: bytes,
     method: str,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -44,6 +45,8 @@ def serve(workdir: Path, host: str = "127.0.0.1", port: int = 0, config: Gateway
     from api.app import create_app
 
     load(workdir)  # fail early with a clear message when there is no devnet
+    os.umask(0o077)  # the catalog and the log hold PHI-adjacent data: owner only
+    lock = _lock_workdir(workdir)  # held for the life of the process
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     chosen = port or free_port(host)
     url = f"http://{host}:{chosen}"
@@ -55,9 +58,25 @@ def serve(workdir: Path, host: str = "127.0.0.1", port: int = 0, config: Gateway
             create_app(workdir, config), host=host, port=chosen, log_level="warning", access_log=False
         )
     finally:
+        lock.close()
         data = json.loads(devnet_file(workdir).read_text())
         if (data.get("gateway_service") or {}).get("pid") == os.getpid():
             _record_service(workdir, None, None)
+
+
+def _lock_workdir(workdir: Path) -> IO[str]:
+    """One gateway per workdir: two would share the gateway key (and its nonces) and the log."""
+    import fcntl
+
+    path = workdir / "gateway" / "serve.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = path.open("a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise DevnetError(f"a gateway already runs on {workdir} (see `medledger devnet status`)") from None
+    return fh
 
 
 def running_service(workdir: Path) -> str | None:

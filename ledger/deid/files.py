@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def deidentify_tree(
     secret: bytes | None = None,
     pseudonymize_patients: bool = False,
     compound_policy: CompoundPolicy = CompoundPolicy.REMOVE,
+    validate: Callable[[Path], str | None] | None = None,
 ) -> TreeReport:
     """De-identify every DICOM file under ``src_dir`` into ``dst_dir``.
 
@@ -87,13 +89,19 @@ def deidentify_tree(
     same date shift.  Outputs are named ``<study>/<series>/<instance>.dcm`` after
     the *new* UIDs, so no source path or name leaks.  With ``pseudonymize_patients``
     each patient gets ``PATIENT-0001``-style Patient's Name / Patient ID.
-    Non-DICOM files, DICOMDIRs and files that cannot be de-identified are skipped.
+    Non-DICOM files, DICOMDIRs and files that cannot be de-identified are skipped, as are
+    files for which ``validate`` (if given) returns a reason (e.g. the gateway's strict ingest
+    check, so a truncated or malformed file is never "de-identified" into a plausible one).
     """
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
     tree_secret = secret if secret is not None else secrets.token_bytes(32)
     report = TreeReport()
     headers: list[tuple[Path, str, str]] = []
     for path in sorted(p for p in src_dir.rglob("*") if p.is_file()):
+        reason = validate(path) if validate is not None else None
+        if reason is not None:
+            report.skipped.append((path, reason))
+            continue
         try:
             head = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
