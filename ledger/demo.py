@@ -195,7 +195,9 @@ def _story(workdir: Path, devnet: manager.Devnet, url: str, say: Any) -> dict[st
             why = e["purpose"] or "-"
             result = e["outcome"] + (f" ({e['reason']})" if e["reason"] else "")
             proof = e["proof"]["status"]
-            say(f"    {e['time']}  {e['who'] or 'unknown'}: {e['action']} for {why} → {result}{flag}  [proof: {proof}]")
+            say(
+                f"    {e['time']}  {e['who'] or 'unknown'}: {e['action']} for {why} → {result}{flag}  [proof: {proof}]"
+            )
 
     say("· the auditor verifies the whole history against the chain")
     report = auditor.verify()
