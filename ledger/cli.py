@@ -26,6 +26,9 @@ def cmd_devnet(args: argparse.Namespace) -> int:
             json.dumps({k: net.data[k] for k in ("rpc_url", "chain_id", "ipfs_api", "contracts")}, indent=2)
         )
     elif args.action == "down":
+        if not manager.devnet_file(wd).exists():
+            print(f"medledger: no devnet in {wd} (no devnet.json); nothing to stop", file=sys.stderr)
+            return 1
         stopped = manager.down(wd)
         print(json.dumps({"stopped": stopped}))
     else:

@@ -93,6 +93,10 @@ def test_down_without_devnet_and_status_exit_codes(tmp_path: Path) -> None:
         [*MEDLEDGER, "serve", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=60
     )
     assert demo.returncode == 1 and "no devnet" in demo.stderr
+    down = subprocess.run(
+        [*MEDLEDGER, "devnet", "down", "--workdir", str(tmp_path / "none")], capture_output=True, text=True
+    )
+    assert down.returncode == 1 and "no devnet" in down.stderr
 
 
 def test_contract_build_is_reproducible() -> None:
