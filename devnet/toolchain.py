@@ -54,10 +54,3 @@ def ensure_npm() -> None:
 def anvil_binary() -> Path:
     """The Anvil binary shipped by the npm package @foundry-rs/anvil (platform package)."""
     return NODE_MODULES / "@foundry-rs" / "anvil-linux-amd64" / "bin" / "anvil"
-
-
-def node_binary() -> str:
-    node = shutil.which("node")
-    if node is None:
-        raise DevnetError("node is not on PATH; install Node.js 20+")
-    return node

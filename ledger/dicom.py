@@ -131,6 +131,7 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
 from ledger.errors import NotDicom, PayloadTooLarge
+from ledger.qido import STORED_ATTRIBUTES
 
 __all__ = [
     "DEFAULT_MAX_INFLATED_SIZE",
@@ -179,45 +180,13 @@ REASON_CODES: Final = frozenset(
 )
 """Every ``NotDicom.code`` :func:`parse_instance` can raise."""
 
-# Standard QIDO-RS attributes (PS3.18 section 10.6, tables 10.6.1-5 and 10.6.3-3/4/5) that are
-# attributes of the instance itself (computed ones such as ModalitiesInStudy are not here).
+# The QIDO-RS attributes stored per instance: the table is ledger.qido's (one place), plus the
+# character set needed to decode them. Nested ones ("A.B") are read as B inside sequence A.
 QIDO_KEYWORDS: Final[tuple[str, ...]] = (
-    # study level
     "SpecificCharacterSet",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "TimezoneOffsetFromUTC",
-    "PatientName",
-    "PatientID",
-    "IssuerOfPatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",
-    "StudyID",
-    "StudyDescription",
-    # series level
-    "Modality",
-    "SeriesDescription",
-    "SeriesInstanceUID",
-    "SeriesNumber",
-    "PerformedProcedureStepStartDate",
-    "PerformedProcedureStepStartTime",
-    # instance level
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "InstanceNumber",
-    "Rows",
-    "Columns",
-    "BitsAllocated",
-    "NumberOfFrames",
+    *(k for k in STORED_ATTRIBUTES if "." not in k),
 )
-# Nested QIDO attributes: RequestAttributesSequence > ScheduledProcedureStepID/RequestedProcedureID.
-_QIDO_NESTED: Final = (
-    ("RequestAttributesSequence", "ScheduledProcedureStepID"),
-    ("RequestAttributesSequence", "RequestedProcedureID"),
-)
+_QIDO_NESTED: Final = tuple(tuple(k.split(".", 1)) for k in STORED_ATTRIBUTES if "." in k)
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,7 +44,8 @@ from ledger.errors import (
     UnknownStudy,
     WrongRole,
 )
-from ledger.events import Action, AuditEvent, EventDraft, Outcome
+from ledger.events import Action, AuditEvent, EventDraft, Outcome, leaf_hash
+from ledger.exports.jsonl import TreeLevels
 from ledger.ipfs import KuboClient
 from ledger.keyfiles import read_key
 from ledger.keystore import KeyStore
@@ -681,6 +682,13 @@ class Gateway:
         self.record(ctx, Outcome.OK, reason=f"matches:{total}")
         return results, list(query.warnings)
 
+    def _relay(self, contract: str, function: str, *args: Any) -> Any:
+        """Send a signed message on-chain, wait for it, and apply it to the index at once
+        (so the change this gateway relays is in force for its very next decision)."""
+        receipt = self.chain.transact(contract, function, *args)
+        self.index.apply_receipt(receipt)
+        return receipt
+
     # ---- patients ----------------------------------------------------------------------
     def lookup_patient(self, caller: Caller, ctx: RequestContext, issuer: str, patient_id: str) -> str:
         ctx.action = Action.QUERY
@@ -704,10 +712,7 @@ class Gateway:
         ctx.action, ctx.patient_ref = Action.ENROLL, patient_ref
         if not self.catalog.patient_exists(patient_ref):
             raise UnknownPatient("no such patient")
-        receipt = self.chain.transact(
-            "Consent", "enroll", _b32(patient_ref), patient_key, deadline, _b32(signature)
-        )
-        self.index.apply_receipt(receipt)
+        receipt = self._relay("Consent", "enroll", _b32(patient_ref), patient_key, deadline, _b32(signature))
         self.record(ctx, Outcome.OK)
         return {
             "patient_ref": patient_ref,
@@ -786,8 +791,7 @@ class Gateway:
             int(grant["not_after"]),
             int(grant["nonce"]),
         )
-        receipt = self.chain.transact("Consent", "grant", args, _b32(signature))
-        self.index.apply_receipt(receipt)
+        receipt = self._relay("Consent", "grant", args, _b32(signature))
         ev = self.chain.contract("Consent").events.ConsentGranted().process_receipt(receipt, errors=DISCARD)
         consent_id = int(ev[0]["args"]["consentId"])
         self.record(ctx, Outcome.OK, consent_id=str(consent_id), consent_version=1)
@@ -802,10 +806,9 @@ class Gateway:
     ) -> dict[str, Any]:
         """Relay the patient's key rotation (signed with the current key); effective at once."""
         ctx.action, ctx.patient_ref = Action.PATIENT_KEY_ROTATE, patient_ref
-        receipt = self.chain.transact(
+        receipt = self._relay(
             "Consent", "rotatePatientKey", _b32(patient_ref), new_key, nonce, _b32(signature)
         )
-        self.index.apply_receipt(receipt)
         self.record(ctx, Outcome.OK)
         return {
             "patient_ref": patient_ref,
@@ -825,10 +828,9 @@ class Gateway:
     ) -> dict[str, Any]:
         """Relay the patient's appointment of a delegate until `until` (0 or past: removal)."""
         ctx.action, ctx.patient_ref = Action.DELEGATE_SET, patient_ref
-        receipt = self.chain.transact(
+        receipt = self._relay(
             "Consent", "setDelegate", _b32(patient_ref), delegate, until, nonce, _b32(signature)
         )
-        self.index.apply_receipt(receipt)
         self.record(ctx, Outcome.OK)
         return {
             "patient_ref": patient_ref,
@@ -845,8 +847,7 @@ class Gateway:
         if c is None:
             raise InvalidInput("no such consent", code="unknown_consent")
         ctx.patient_ref, ctx.counterparty = c.patient_ref, c.grantee
-        receipt = self.chain.transact("Consent", "revoke", consent_id, nonce, _b32(signature))
-        self.index.apply_receipt(receipt)
+        receipt = self._relay("Consent", "revoke", consent_id, nonce, _b32(signature))
         self.record(ctx, Outcome.OK, consent_id=str(consent_id), consent_version=c.version)
         return {"consent_id": consent_id, "revoked": True, "tx": receipt["transactionHash"].to_0x_hex()}
 
@@ -894,13 +895,18 @@ class Gateway:
         confirmed = [a for a in anchors if a.status == "confirmed" and a.kind == "tree"]
         head = max(confirmed, key=lambda a: a.tree_size) if confirmed else None
         entries = []
-        for ev in self.audit.by_patient(patient_ref):
+        patient_events = self.audit.by_patient(patient_ref)
+        # One pass over the anchored leaves, then O(log n) per proof (not O(n) per entry).
+        tree = (
+            TreeLevels(self.audit.leaf_hashes(0, head.tree_size))
+            if head is not None and any(ev.seq < head.tree_size for ev in patient_events)
+            else None
+        )
+        for ev in patient_events:
             proof_status = "pending"
             proof: list[str] = []
-            if head is not None and ev.seq < head.tree_size:
-                path = self.audit.inclusion_proof(ev.seq, head.tree_size)
-                from ledger.events import leaf_hash
-
+            if head is not None and tree is not None and ev.seq < head.tree_size:
+                path = tree.path(ev.seq)
                 ok = verify_inclusion(leaf_hash(ev), ev.seq, head.tree_size, path, head.root)
                 proof_status = "included" if ok else "proof_failed"
                 proof = ["0x" + p.hex() for p in path]
@@ -1000,7 +1006,7 @@ class Gateway:
                 "action must be one of add, remove, change_role, rotate_key, set_threshold; role a known role"
             )
         ctx.counterparty = str(body["member_id"])
-        receipt = self.chain.transact(
+        receipt = self._relay(
             "Membership",
             "propose",
             action,
@@ -1013,7 +1019,6 @@ class Gateway:
             int(body["nonce"]),
             _b32(body["signature"]),
         )
-        self.index.apply_receipt(receipt)
         c = self.chain.contract("Membership")
         pid = int(
             c.events.ProposalCreated().process_receipt(receipt, errors=DISCARD)[0]["args"]["proposalId"]
@@ -1026,8 +1031,7 @@ class Gateway:
         self, caller: Caller, ctx: RequestContext, proposal_id: int, signature: str
     ) -> dict[str, Any]:
         ctx.action = Action.GOVERNANCE
-        receipt = self.chain.transact("Membership", "approve", proposal_id, _b32(signature))
-        self.index.apply_receipt(receipt)
+        receipt = self._relay("Membership", "approve", proposal_id, _b32(signature))
         c = self.chain.contract("Membership")
         executed = bool(c.events.ProposalExecuted().process_receipt(receipt, errors=DISCARD))
         self.record(ctx, Outcome.OK)

@@ -92,6 +92,9 @@ _INSTANCE_ATTRS: Final = (
     "BitsAllocated",
     "NumberOfFrames",
 )
+#: Every attribute QIDO-RS matches on that is stored per instance (the computed ones aside);
+#: "A.B" names B inside sequence A. ledger.dicom extracts exactly these at upload.
+STORED_ATTRIBUTES: Final = (*_STUDY_ATTRS, *_SERIES_ATTRS, *_INSTANCE_ATTRS)
 _COMPUTED: Final = {
     "study": ("ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"),
     "series": ("NumberOfSeriesRelatedInstances",),

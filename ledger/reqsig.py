@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from coincurve import PrivateKey, PublicKey
 from eth_utils import keccak, to_checksum_address
 
-from ledger.errors import AuthenticationFailed, MissingSignature
+from ledger.errors import AuthenticationFailed, MissingSignature, RequestExpired
 
 DOMAIN_NAME = "MedLedger Gateway"
 DOMAIN_VERSION = "1"
@@ -159,14 +159,12 @@ def _hex_header(headers: dict[str, str], name: str, size: int) -> bytes:
 
 def precheck_headers(
     headers: dict[str, str], *, now: float | None = None, max_skew: int = MAX_SKEW_S
-) -> None:
+) -> tuple[int, bytes, bytes]:
     """The checks that need no body: signature headers present and well-formed, timestamp fresh.
 
-    The gateway runs these before it reads a request body, so an unsigned or stale request
-    cannot make it buffer a large body.
+    Returns (timestamp, nonce, signature). The gateway runs these before it reads a request
+    body, so an unsigned or stale request cannot make it buffer a large body.
     """
-    from ledger.errors import RequestExpired
-
     if HEADER_SIGNATURE not in headers:
         raise MissingSignature("the request is not signed (X-MedLedger-Signature missing)")
     for name in (HEADER_TIMESTAMP, HEADER_NONCE):
@@ -179,8 +177,7 @@ def precheck_headers(
     current = time.time() if now is None else now
     if abs(current - ts) > max_skew:
         raise RequestExpired(f"request timestamp is outside the accepted window of {max_skew}s")
-    _hex_header(headers, HEADER_NONCE, 32)
-    _hex_header(headers, HEADER_SIGNATURE, 65)
+    return ts, _hex_header(headers, HEADER_NONCE, 32), _hex_header(headers, HEADER_SIGNATURE, 65)
 
 
 def verify_request(
@@ -199,22 +196,7 @@ def verify_request(
     Freshness is checked here (RequestExpired); replay (seen nonces) is the caller's job,
     because it needs durable state.
     """
-    from ledger.errors import RequestExpired
-
-    if HEADER_SIGNATURE not in headers:
-        raise MissingSignature("the request is not signed (X-MedLedger-Signature missing)")
-    for name in (HEADER_TIMESTAMP, HEADER_NONCE):
-        if name not in headers:
-            raise MissingSignature(f"header {name} is missing")
-    try:
-        ts = int(headers[HEADER_TIMESTAMP])
-    except ValueError as exc:
-        raise AuthenticationFailed("X-MedLedger-Timestamp must be unix seconds") from exc
-    current = time.time() if now is None else now
-    if abs(current - ts) > max_skew:
-        raise RequestExpired(f"request timestamp is outside the accepted window of {max_skew}s")
-    nonce = _hex_header(headers, HEADER_NONCE, 32)
-    signature = _hex_header(headers, HEADER_SIGNATURE, 65)
+    ts, nonce, signature = precheck_headers(headers, now=now, max_skew=max_skew)
     digest = request_digest(separator, method, path, query, body_hash, ts, nonce)
     signer = recover_address(digest, signature)
     claimed = headers.get(HEADER_KEY)
